@@ -1,0 +1,307 @@
+"""One client's local GRPO loop: generate → score → advantages → loss → AdamW step.
+
+``grpo_step`` reads top to bottom like the algorithm; ``LocalTrainer`` only adds
+the state that outlives a step (optimizer, prompt sampler, weighting) and logging.
+The federated engines call the same ``LocalTrainer`` for every client.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as config_dataclass
+
+from fedmoa.grpo.advantages import (
+    AdvantageMode,
+    ScaleRewards,
+    combine_advantages,
+    objective_advantages,
+)
+from fedmoa.grpo.logprobs import completion_logps
+from fedmoa.grpo.loss import LossSettings, LossType, policy_loss
+from fedmoa.grpo.rollout import Rollout, SamplingSettings, generate_rollouts
+from fedmoa.rewards import RewardFunc, compute_rewards
+from fedmoa.weighting import RewardWeighting, StepSignals
+
+Row = dict[str, Any]
+
+
+@config_dataclass(config=ConfigDict(extra="forbid"))
+class GRPOSettings:
+    """The ``[grpo]`` section of a config: everything one local step needs."""
+
+    batch_size: int = Field(4, gt=0)  # B prompts per step
+    group_size: int = Field(4, gt=1)  # G completions per prompt
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    mask_truncated: bool = False
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    beta: float = Field(0.0, ge=0)
+    epsilon_low: float = Field(0.2, ge=0, lt=1)
+    epsilon_high: float = Field(0.2, ge=0)
+    loss_type: LossType = "grpo"
+    num_iterations: int = Field(1, ge=1)
+    advantage: AdvantageMode = "normalize_then_sum"
+    scale_rewards: ScaleRewards = "group"
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(
+            group_size=self.group_size,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            mask_truncated=self.mask_truncated,
+        )
+
+    def loss(self) -> LossSettings:
+        return LossSettings(
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            beta=self.beta,
+            max_completion_length=self.max_new_tokens,
+        )
+
+
+@dataclass
+class PhaseTimer:
+    """Wall time per phase of a step, for ``step_time`` and ``timing/*`` metrics."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def repeat_columns(rows: Sequence[Row], group_size: int) -> dict[str, list[Any]]:
+    """Dataset columns (all but ``prompt``) repeated once per completion, as TRL passes them."""
+    keys = [k for k in rows[0] if k != "prompt"]
+    return {k: [row.get(k) for row in rows for _ in range(group_size)] for k in keys}
+
+
+def reward_metrics(
+    names: Sequence[str], rewards: torch.Tensor, weights: torch.Tensor
+) -> dict[str, float]:
+    """TRL's reward metrics: ``reward``, ``reward_std`` and ``rewards/<name>/mean|std``."""
+    metrics: dict[str, float] = {}
+    for i, name in enumerate(names):
+        column = rewards[:, i]
+        metrics[f"rewards/{name}/mean"] = torch.nanmean(column).item()
+        metrics[f"rewards/{name}/std"] = _nan_std(column)
+    total = (
+        (rewards * weights).nansum(dim=1).masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
+    )
+    metrics["reward"] = torch.nanmean(total).item()
+    metrics["reward_std"] = _nan_std(total)
+    return metrics
+
+
+def _nan_std(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return x.std().item() if x.numel() > 1 else 0.0
+
+
+def completion_metrics(rollout: Rollout) -> dict[str, float]:
+    lengths = rollout.completion_lengths.float()
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": rollout.truncated.float().mean().item(),
+    }
+
+
+def grpo_step(
+    policy: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    rows: Sequence[Row],
+    reward_funcs: Sequence[tuple[str, RewardFunc]],
+    weighting: RewardWeighting,
+    settings: GRPOSettings,
+    timer: PhaseTimer | None = None,
+) -> dict[str, float]:
+    """One GRPO update of ``policy`` (a PEFT model) on the prompts in ``rows``."""
+    timer = timer or PhaseTimer()
+    group = settings.group_size
+    names = [name for name, _ in reward_funcs]
+
+    # 1. Generate G completions per prompt with the current policy.
+    with timer.phase("generate"):
+        rollout = generate_rollouts(
+            policy, tokenizer, [r["prompt"] for r in rows], settings.sampling()
+        )
+    prompts = [r["prompt"] for r in rows for _ in range(group)]
+    completions = [[{"role": "assistant", "content": text}] for text in rollout.completions]
+
+    # 2. Score every completion with every objective: R [N, m], NaN = not applicable.
+    with timer.phase("reward"):
+        columns = repeat_columns(rows, group)
+        columns["completion_ids"] = [
+            ids[:n].tolist()
+            for ids, n in zip(rollout.completion_ids, rollout.completion_lengths, strict=True)
+        ]
+        rewards = compute_rewards(reward_funcs, prompts, completions, columns)
+
+    # 3. Group-relative advantages per objective, mixed with the current weights.
+    weights = weighting.weights()
+    per_objective = objective_advantages(rewards, group, settings.scale_rewards)
+    advantages, adv_stats = combine_advantages(
+        rewards, weights, group, settings.advantage, settings.scale_rewards
+    )
+
+    # 4. Reference log-probs: the same model with the adapter switched off (no second copy).
+    loss_settings = settings.loss()
+    inputs = (
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.completion_ids,
+        rollout.completion_mask,
+    )
+    with timer.phase("forward_backward"):
+        ref_logps = old_logps = None
+        if settings.beta != 0.0:
+            with torch.no_grad(), policy.disable_adapter():
+                ref_logps = completion_logps(policy, *inputs, settings.temperature)
+        if settings.num_iterations > 1:
+            # The sampler's own log-probs would do, but a forward in train numerics keeps
+            # the first ratio at exactly 1 (as TRL does outside vLLM).
+            with torch.no_grad():
+                old_logps = completion_logps(policy, *inputs, settings.temperature)
+
+    # 5. The clipped surrogate, num_iterations times over the same batch.
+    metrics: dict[str, float] = {}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for iteration in range(settings.num_iterations):
+        with timer.phase("forward_backward"):
+            logps = completion_logps(policy, *inputs, settings.temperature)
+            old = logps.detach() if old_logps is None else old_logps
+            loss, loss_stats = policy_loss(
+                logps, old, advantages, rollout.completion_mask, loss_settings, ref_logps
+            )
+            if iteration == 0:
+                # 6. Let the weighting look at this step's graph (the hypergradient needs it).
+                signals = StepSignals(
+                    objective_advantages=per_objective,
+                    objective_loss=lambda adv, lp=logps, old=old: policy_loss(
+                        lp, old, adv, rollout.completion_mask, loss_settings, ref_logps
+                    )[0],
+                    reward_means=torch.nanmean(rewards, dim=0),
+                )
+                metrics.update(weighting.observe(signals))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        # 7. AdamW step on the LoRA parameters with the combined gradient.
+        with timer.phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+    metrics.update(loss_stats)
+    metrics.update(adv_stats)
+    metrics.update(reward_metrics(names, rewards, weights))
+    metrics.update(completion_metrics(rollout))
+    metrics["loss"] = loss.item()
+    metrics["grad_norm"] = grad_norm.item()
+    return metrics
+
+
+class PromptSampler:
+    """Draws ``B`` prompts per step without replacement within an epoch, reproducibly."""
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        if num_rows <= 0:
+            raise ValueError("no training rows")
+        self.num_rows = num_rows
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self, batch_size: int) -> list[int]:
+        picked: list[int] = []
+        while len(picked) < batch_size:
+            if not self.order:
+                self.order = list(range(self.num_rows))
+                self.rng.shuffle(self.order)
+            picked.append(self.order.pop())
+        return picked
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": list(self.order), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order = list(state["order"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
+
+class LocalTrainer:
+    """A client's training state: policy, optimizer, prompt sampler and weighting."""
+
+    def __init__(
+        self,
+        policy: Any,
+        tokenizer: Any,
+        rows: Sequence[Row],
+        reward_funcs: Sequence[tuple[str, RewardFunc]],
+        weighting: RewardWeighting,
+        settings: GRPOSettings,
+        seed: int = 0,
+    ) -> None:
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.rows = list(rows)
+        self.reward_funcs = list(reward_funcs)
+        self.weighting = weighting
+        self.settings = settings
+        self.sampler = PromptSampler(len(self.rows), seed)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad],
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+        )
+        self.global_step = 0
+
+    def step(self) -> dict[str, float]:
+        timer = PhaseTimer()
+        start = time.perf_counter()
+        batch = [self.rows[i] for i in self.sampler.next(self.settings.batch_size)]
+        metrics = grpo_step(
+            self.policy,
+            self.tokenizer,
+            self.optimizer,
+            batch,
+            self.reward_funcs,
+            self.weighting,
+            self.settings,
+            timer,
+        )
+        self.global_step += 1
+        metrics.update(self.weighting.weight_metrics())
+        metrics.update({f"timing/{k}": v for k, v in timer.seconds.items()})
+        metrics["step_time"] = time.perf_counter() - start
+        metrics["step"] = float(self.global_step)
+        return metrics
+
+    def train(
+        self, steps: int, on_step: Callable[[dict[str, float]], None] | None = None
+    ) -> list[dict[str, float]]:
+        history = []
+        for _ in range(steps):
+            metrics = self.step()
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+        return history

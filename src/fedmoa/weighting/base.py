@@ -1,0 +1,65 @@
+"""How a client mixes its reward objectives into one advantage.
+
+A strategy owns the weight vector ``w`` (on the simplex) and may look at each
+training step through ``StepSignals`` to move it. Strategies keep their whole
+state in ``state_dict()`` so that it survives rounds, checkpoints and Flower's
+``context.state``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StepSignals:
+    """What a step exposes to the weighting, after the loss graph is built and before backward."""
+
+    objective_advantages: torch.Tensor  # [N, m] per-objective group advantages Â_i
+    objective_loss: Callable[
+        [torch.Tensor], torch.Tensor
+    ]  # advantages [N] -> surrogate on this graph
+    reward_means: torch.Tensor  # [m] (NaN where an objective applied to no sample)
+
+
+class RewardWeighting(ABC):
+    """Base class: a named weight vector plus an update rule."""
+
+    def __init__(self, names: Sequence[str], primary: str) -> None:
+        if primary not in names:
+            raise ValueError(f"primary objective {primary!r} is not among {list(names)}")
+        self.names = list(names)
+        self.primary_index = self.names.index(primary)
+
+    @abstractmethod
+    def weights(self) -> torch.Tensor:
+        """Current weights [m], non-negative and summing to 1."""
+
+    def observe(self, signals: StepSignals) -> dict[str, float]:
+        """Update the weights from one step; returns metrics to log. Static strategies ignore it."""
+        del signals
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def weight_metrics(self) -> dict[str, float]:
+        return {f"weights/{n}": float(w) for n, w in zip(self.names, self.weights(), strict=True)}
+
+
+def normalize_weights(weights: Sequence[float]) -> torch.Tensor:
+    """Project configured non-negative weights onto the simplex."""
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    if w.numel() == 0 or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(
+            f"weights must be finite, non-negative and not all zero, got {list(weights)}"
+        )
+    return w / w.sum()
