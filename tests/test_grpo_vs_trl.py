@@ -36,12 +36,11 @@ def make_trl_trainer(tmp_path, *, num_rewards=1, reward_weights=None, **config) 
         output_dir=str(tmp_path),
         per_device_train_batch_size=GROUP * PROMPTS,
         num_generations=GROUP,
-        max_completion_length=8,
         use_cpu=True,
         bf16=False,
         report_to="none",
         reward_weights=reward_weights,
-        **config,
+        **{"max_completion_length": 8, **config},
     )
     trainer = trl.GRPOTrainer(
         model=model,
@@ -150,9 +149,11 @@ def trl_loss(trainer, logps, old, ref, mask, advantages):
 
 
 @pytest.mark.parametrize("num_iterations_gt_1", [False, True])
-@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize(("beta", "kl_bias_correction"), [(0.0, True), (0.04, True), (0.04, False)])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_loss_and_gradient_match_trl(tmp_path, loss_type, beta, num_iterations_gt_1):
+def test_loss_and_gradient_match_trl(
+    tmp_path, loss_type, beta, kl_bias_correction, num_iterations_gt_1
+):
     width = 7
     trainer = make_trl_trainer(
         tmp_path,
@@ -161,6 +162,7 @@ def test_loss_and_gradient_match_trl(tmp_path, loss_type, beta, num_iterations_g
         epsilon=0.2,
         epsilon_high=0.28,
         max_completion_length=width,
+        use_bias_correction_kl=kl_bias_correction,
     )
     base, old, ref, mask, advantages = loss_inputs(seed=7, width=width)
     old = old if num_iterations_gt_1 else None  # num_iterations == 1: old = current, detached
@@ -176,6 +178,7 @@ def test_loss_and_gradient_match_trl(tmp_path, loss_type, beta, num_iterations_g
         epsilon_high=0.28,
         beta=beta,
         max_completion_length=width,
+        kl_bias_correction=kl_bias_correction,
     )
     ours_old = ours_logps.detach() if old is None else old
     ours, stats = policy_loss(ours_logps, ours_old, advantages, mask, settings, ref)

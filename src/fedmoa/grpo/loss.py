@@ -21,6 +21,9 @@ class LossSettings:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     beta: float = 0.0
+    # Weight the k3 term by the importance ratio (DeepSeek-V3.2; TRL's default), which
+    # keeps its gradient unbiased when the batch was sampled by an older policy.
+    kl_bias_correction: bool = True
     # dr_grpo divides by a constant: the generation budget per completion.
     max_completion_length: int | None = None
 
@@ -71,6 +74,8 @@ def policy_loss(
         if ref_logps is None:
             raise ValueError("beta > 0 needs ref_logps")
         kl = k3_kl(logps, ref_logps)
+        if settings.kl_bias_correction:
+            kl = kl * ratio
         per_token = per_token + settings.beta * kl
         stats["kl"] = _masked_mean(kl.detach(), mask)
     loss = reduce_tokens(per_token, mask, settings)

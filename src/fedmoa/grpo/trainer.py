@@ -47,6 +47,7 @@ class GRPOSettings:
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     beta: float = Field(0.0, ge=0)
+    kl_bias_correction: bool = True
     epsilon_low: float = Field(0.2, ge=0, lt=1)
     epsilon_high: float = Field(0.2, ge=0)
     loss_type: LossType = "grpo"
@@ -69,6 +70,7 @@ class GRPOSettings:
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
             beta=self.beta,
+            kl_bias_correction=self.kl_bias_correction,
             max_completion_length=self.max_new_tokens,
         )
 
