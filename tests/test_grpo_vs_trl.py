@@ -11,11 +11,11 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from fedmoa.models import tiny_random_model  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 from fedmoa.grpo.advantages import combine_advantages, objective_advantages  # noqa: E402
 from fedmoa.grpo.loss import LossSettings, policy_loss  # noqa: E402
+from fedmoa.models import tiny_random_model  # noqa: E402
 
 GROUP = 4
 PROMPTS = 3

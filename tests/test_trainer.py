@@ -65,7 +65,9 @@ def test_rollout_flags_and_masks_truncated_completions():
     rollout = generate_rollouts(policy, tokenizer, PROMPTS, settings)
     assert rollout.truncated.any(), "3 tokens from a random model should truncate"
     assert torch.all(rollout.completion_mask[rollout.truncated] == 0)
-    assert all(len(text) > 0 for text, t in zip(rollout.completions, rollout.truncated) if t)
+    assert all(
+        len(text) > 0 for text, t in zip(rollout.completions, rollout.truncated, strict=True) if t
+    )
 
 
 def closeness_to_seven(prompts, completions, **kwargs):
@@ -151,7 +153,7 @@ def test_reward_errors_name_the_function():
     trainer = make_trainer(
         GRPOSettings(batch_size=1, group_size=2, max_new_tokens=3), reward=broken
     )
-    with pytest.raises(RewardError, match="broken|sevens"):
+    with pytest.raises(RewardError, match=r"broken"):
         trainer.step()
 
 

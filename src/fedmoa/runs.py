@@ -1,0 +1,74 @@
+"""The run directory: config, ``metrics.jsonl`` and PEFT adapters, written so a crash loses nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedmoa.errors import FedMOAError
+
+
+class RunDirectory:
+    """A run's outputs under one folder; ``metrics.jsonl`` is appended and flushed per record."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise FedMOAError(f"cannot create run directory {self.path}: {err.strerror}") from None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def save_config(self, source: str | Path, resolved: dict[str, Any]) -> None:
+        """Keep the user's file verbatim and the fully defaulted config next to it."""
+        shutil.copyfile(source, self.path / "config.toml")
+        write_json_atomic(self.path / "resolved_config.json", resolved)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_finite(record), sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def save_adapter(self, peft_model: Any, name: str = "adapter") -> Path:
+        """Save in PEFT's format (loads with ``PeftModel.from_pretrained``), atomically."""
+        target = self.path / name
+        tmp = self.path / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        return target
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(_finite(data), fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: store non-finite floats as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
