@@ -1,0 +1,158 @@
+"""The experiment file for a federation: heterogeneous clients and one server.
+
+Clients may differ in everything that concerns rewards (which objectives, how
+many, on what scale, which one is primary) and in their data and GRPO settings.
+A ``[client_defaults]`` table is merged under every ``[[clients]]`` entry so that
+shared settings are written once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from fedmoa.config import (
+    STRICT,
+    HypergradientConfig,
+    LoraConfig,
+    ModelConfig,
+    RewardConfig,
+    check_rewards,
+    parse_config,
+    read_toml,
+)
+from fedmoa.data import DataConfig
+from fedmoa.errors import ConfigError
+from fedmoa.grpo.trainer import GRPOSettings
+
+Method = Literal[
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedavgm",
+    "local",
+    "centralized",
+    "fedmoa-hg",
+    "fedmoa-taa",
+    "fedmoa",
+]
+# Which client weighting and which server rule each method uses (fedmoa-algorithm.md, "Baselines").
+HYPERGRADIENT_METHODS = frozenset({"fedmoa", "fedmoa-hg"})
+TASK_ACCURACY_METHODS = frozenset({"fedmoa", "fedmoa-taa"})
+SERVER_OPTIMIZER_METHODS = frozenset({"fedadam", "fedyogi", "fedavgm"})
+
+
+@dataclass(config=STRICT)
+class SplitConfig:
+    """Fractions of a client's rows for train / validation / test (disjoint, seeded)."""
+
+    train: float = Field(0.8, gt=0, le=1)
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        if not math.isclose(self.train + self.validation + self.test, 1.0, abs_tol=1e-6):
+            raise ValueError("train + validation + test must sum to 1")
+        return self
+
+
+@dataclass(config=STRICT)
+class ClientConfig:
+    id: str = Field(min_length=1)
+    task: str = Field(min_length=1)
+    rewards: list[RewardConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    local_steps: int = Field(1, gt=0)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+
+    @model_validator(mode="after")
+    def _rewards_valid(self) -> ClientConfig:
+        check_rewards(self.rewards)
+        return self
+
+    @property
+    def primary_reward(self) -> str:
+        return next(r.name for r in self.rewards if r.role == "primary")
+
+
+@dataclass(config=STRICT)
+class ServerConfig:
+    method: Method = "fedmoa"
+    rounds: int = Field(3, gt=0)
+    clients_per_round: int | None = Field(None, gt=0)  # None: every client, every round
+    min_clients: int = Field(1, gt=0)
+    # task- and accuracy-aware aggregation
+    t_acc: float = Field(0.1, gt=0)
+    gamma: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+    client_init: Literal["global", "task"] = "global"
+    robust_norm: float | None = Field(None, gt=0)
+    # baselines
+    fedprox_mu: float = Field(0.01, ge=0)
+    server_optimizer: dict[str, float] = field(default_factory=dict)
+    # evaluation
+    validation_prompts: int = Field(16, gt=0)  # V, for the accuracy a_k each client reports
+    eval_every: int = Field(1, ge=0)  # rounds between test evaluations; 0: only at the end
+    eval_max_new_tokens: int | None = Field(None, gt=0)
+
+
+@dataclass(config=STRICT)
+class ExperimentConfig:
+    clients: list[ClientConfig]
+    seed: int = 0
+    output_dir: str = "runs/experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    # Used by the methods with hypergradient weighting (fedmoa, fedmoa-hg); the others use static weights.
+    hypergradient: HypergradientConfig = field(default_factory=HypergradientConfig)
+
+    @model_validator(mode="after")
+    def _clients_valid(self) -> ExperimentConfig:
+        if not self.clients:
+            raise ValueError("at least one [[clients]] entry is required")
+        ids = [c.id for c in self.clients]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"client ids must be unique, repeated: {', '.join(repeated)}")
+        per_round = self.server.clients_per_round
+        if per_round is not None and per_round > len(self.clients):
+            raise ValueError(
+                f"server.clients_per_round = {per_round} exceeds the {len(self.clients)} clients"
+            )
+        if self.server.min_clients > (per_round or len(self.clients)):
+            raise ValueError("server.min_clients exceeds the clients sampled per round")
+        return self
+
+
+def merge_defaults(defaults: dict[str, Any], client: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``defaults`` under ``client``; the client's own values win, lists replace."""
+    merged = dict(defaults)
+    for key, value in client.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_defaults(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read, merge ``[client_defaults]`` into each client, validate; errors name the field path."""
+    data = read_toml(path)
+    defaults = data.pop("client_defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: client_defaults: must be a table")
+    clients = data.get("clients", [])
+    if isinstance(clients, list):
+        data["clients"] = [
+            merge_defaults(defaults, c) if isinstance(c, dict) else c for c in clients
+        ]
+    return parse_config(data, ExperimentConfig, str(path))
