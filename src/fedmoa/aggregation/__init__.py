@@ -1,0 +1,51 @@
+"""Server-side aggregation: pure functions over adapters (no I/O, no Flower objects).
+
+- ``task_accuracy``: the FedMOA server (task- and accuracy-aware aggregation);
+- ``fedavg``: the FedAvg baseline;
+- ``server_optimizers``: FedAdam / FedYogi / FedAvgM, driving Flower's own strategies;
+- ``updates``: the ``ClientUpdate`` type, sanitation and adapter arithmetic.
+
+LoRA ``A`` and ``B`` are averaged separately (FedIT convention); this is inexact
+because ``avg(B)·avg(A) ≠ avg(B·A)``.
+"""
+
+from fedmoa.aggregation.fedavg import fedavg, fedavg_aggregate
+from fedmoa.aggregation.server_optimizers import (
+    FlowerServerOptimizer,
+    ServerOptimizer,
+    ServerOptimizerName,
+    make_server_optimizer,
+)
+from fedmoa.aggregation.task_accuracy import (
+    TaskAccuracySettings,
+    accuracy_weights,
+    task_accuracy_aggregate,
+    task_shares,
+)
+from fedmoa.aggregation.updates import (
+    Adapter,
+    AggregationResult,
+    ClientUpdate,
+    Rejection,
+    adapter_norm,
+    sanitize,
+)
+
+__all__ = [
+    "Adapter",
+    "AggregationResult",
+    "ClientUpdate",
+    "FlowerServerOptimizer",
+    "Rejection",
+    "ServerOptimizer",
+    "ServerOptimizerName",
+    "TaskAccuracySettings",
+    "accuracy_weights",
+    "adapter_norm",
+    "fedavg",
+    "fedavg_aggregate",
+    "make_server_optimizer",
+    "sanitize",
+    "task_accuracy_aggregate",
+    "task_shares",
+]

@@ -1,0 +1,227 @@
+"""Client updates as the server sees them, their sanitation, and adapter arithmetic.
+
+Every aggregator in this package takes ``ClientUpdate`` objects, passes them
+through :func:`sanitize` first and returns an :class:`AggregationResult`, so
+that engines (Flower or embedded) can swap aggregators without changing code.
+
+LoRA matrices are averaged entry by entry, ``A`` and ``B`` separately (the FedIT
+convention that FlowerTune and OpenFedLLM use). That is inexact for the product
+the model actually applies: ``avg(B)·avg(A) ≠ avg(B·A)``.
+
+Arithmetic is done in float64 on the device of the current global adapter and
+cast back to the adapter's dtype at the end, so bf16/fp16 adapters do not lose
+the small per-client contributions during accumulation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import TypeGuard
+
+import torch
+
+from fedmoa.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Adapter = dict[str, torch.Tensor]
+"""LoRA tensors by PEFT state-dict name."""
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply for one round (see "Reply to the server" in the algorithm doc)."""
+
+    client_id: str
+    task: str
+    num_examples: int  # n_k
+    delta: Adapter  # Δθ_k = θ_k - θ_t
+    accuracy: float  # a_k: primary-objective validation accuracy of the updated adapter
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an update was left out of aggregation; ``reason`` is one line."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass
+class AggregationResult:
+    """What one server round produces; the same type for every aggregator."""
+
+    global_adapter: Adapter  # θ_{t+1}
+    global_delta: Adapter  # the aggregated update before η_s (a server optimiser's input)
+    task_adapters: dict[str, Adapter]  # θ^τ_{t+1}, for personalised evaluation
+    client_weights: dict[str, float]  # effective weight of each accepted client in global_delta
+    task_shares: dict[str, float]  # π_τ: each task's share of global_delta
+    rejected: list[Rejection]
+
+
+def check_positive(name: str, value: object, allow_inf: bool = False) -> None:
+    """Raise a one-line ConfigError unless ``value`` is a positive (finite) real number."""
+    if _is_real(value) and value > 0 and (allow_inf or math.isfinite(value)):  # NaN fails > 0
+        return
+    kind = "positive number" if allow_inf else "positive finite number"
+    raise ConfigError(f"{name} must be a {kind}, got {value!r}")
+
+
+def sanitize(
+    updates: Iterable[ClientUpdate],
+    reference: Adapter,
+    robust_norm: float | None = None,
+) -> tuple[list[ClientUpdate], list[Rejection]]:
+    """Split updates into usable ones and rejections, logging each rejection.
+
+    One bad client (a diverged run, a stale adapter layout, a bug, or an
+    attacker) must not poison the global adapter, so anything that cannot be
+    averaged safely is dropped instead of raising. ``reference`` (the current
+    global adapter) fixes the expected keys, shapes and dtypes. With
+    ``robust_norm = c``, updates whose L2 norm exceeds ``c ×`` the median norm of
+    the otherwise valid updates are dropped too; this needs at least 3 clients
+    to ever trigger, since with 2 the median is their mean.
+
+    Updates sharing a ``client_id`` are all dropped: keeping "the first" would
+    make the result depend on arrival order.
+    """
+    if robust_norm is not None:
+        check_positive("robust_norm", robust_norm)
+
+    updates = list(updates)
+    id_counts = Counter(u.client_id for u in updates)
+    accepted: list[ClientUpdate] = []
+    rejected: list[Rejection] = []
+    for update in updates:
+        if id_counts[update.client_id] > 1:
+            reason: str | None = f"{id_counts[update.client_id]} updates share this client_id"
+        else:
+            reason = _invalid_reason(update, reference)
+        if reason is None:
+            accepted.append(update)
+        else:
+            rejected.append(Rejection(update.client_id, reason))
+
+    if robust_norm is not None and accepted:
+        norms = {u.client_id: adapter_norm(u.delta) for u in accepted}
+        median = statistics.median(norms.values())
+        kept = []
+        for update in accepted:
+            if norms[update.client_id] > robust_norm * median:
+                reason = (
+                    f"update norm {norms[update.client_id]:.4g} exceeds robust_norm "
+                    f"{robust_norm:g} × median norm {median:.4g}"
+                )
+                rejected.append(Rejection(update.client_id, reason))
+            else:
+                kept.append(update)
+        accepted = kept
+
+    for rejection in rejected:
+        logger.warning("dropping update from client %r: %s", rejection.client_id, rejection.reason)
+    return accepted, rejected
+
+
+def _is_real(value: object) -> TypeGuard[Real]:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _invalid_reason(update: ClientUpdate, reference: Adapter) -> str | None:
+    """The first thing wrong with an update, or None if it can be aggregated."""
+    n = update.num_examples
+    if not isinstance(n, Integral) or isinstance(n, bool) or n <= 0:
+        return f"num_examples must be a positive integer, got {n!r}"
+    a = update.accuracy
+    if not _is_real(a) or not 0.0 <= a <= 1.0:  # NaN fails both comparisons
+        return f"accuracy must be in [0, 1], got {a!r}"
+    if not isinstance(update.task, str) or not update.task:
+        return f"task must be a non-empty string, got {update.task!r}"
+    missing = sorted(reference.keys() - update.delta.keys())
+    if missing:
+        return f"missing {len(missing)} key(s): {_first_names(missing)}"
+    extra = sorted(update.delta.keys() - reference.keys())
+    if extra:
+        return f"unexpected {len(extra)} key(s): {_first_names(extra)}"
+    for name, ref in reference.items():
+        tensor = update.delta[name]
+        if not isinstance(tensor, torch.Tensor):
+            return f"{name!r} is a {type(tensor).__name__}, not a torch.Tensor"
+        if tensor.shape != ref.shape:
+            return f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
+        if tensor.dtype != ref.dtype:
+            return f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{name!r} has non-finite values (NaN or inf)"
+    return None
+
+
+def _first_names(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (", ..." if len(names) > limit else "")
+
+
+def adapter_norm(adapter: Adapter) -> float:
+    """Global L2 norm over all tensors of an adapter."""
+    return math.sqrt(sum(float(t.double().square().sum()) for t in adapter.values()))
+
+
+def weighted_sum(adapters: Sequence[Adapter], weights: Sequence[float], like: Adapter) -> Adapter:
+    """Σ_i w_i · adapter_i in float64, on the devices of ``like`` (cast with :func:`cast_like`).
+
+    Callers fix the order of ``adapters`` (e.g. sorted by client id) so that
+    results are bit-identical whatever order the clients replied in.
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError("weighted_sum needs as many weights as adapters, and at least one")
+    out: Adapter = {}
+    for name, ref in like.items():
+        acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+        for adapter, w in zip(adapters, weights, strict=True):
+            acc.add_(adapter[name].to(device=ref.device, dtype=torch.float64), alpha=float(w))
+        out[name] = acc
+    return out
+
+
+def apply_delta(current: Adapter, delta: Adapter, scale: float) -> Adapter:
+    """θ + scale·Δ, computed in float64 and returned in θ's dtype and device."""
+    return {
+        name: (ref.to(torch.float64) + scale * delta[name].to(ref.device, torch.float64)).to(
+            ref.dtype
+        )
+        for name, ref in current.items()
+    }
+
+
+def cast_like(adapter: Adapter, like: Adapter) -> Adapter:
+    """``adapter`` in the dtypes and devices of ``like``."""
+    return {
+        name: adapter[name].to(device=ref.device, dtype=ref.dtype) for name, ref in like.items()
+    }
+
+
+def group_by_task(updates: Iterable[ClientUpdate]) -> dict[str, list[ClientUpdate]]:
+    """Updates by task, tasks and clients sorted by name so results do not depend on order."""
+    groups: dict[str, list[ClientUpdate]] = {}
+    for update in sorted(updates, key=lambda u: u.client_id):
+        groups.setdefault(update.task, []).append(update)
+    return dict(sorted(groups.items()))
+
+
+def unchanged_result(current: Adapter, rejected: list[Rejection]) -> AggregationResult:
+    """The result of a round in which no update survived sanitation: θ stays where it is."""
+    logger.warning("no usable client update this round; the global adapter is unchanged")
+    return AggregationResult(
+        global_adapter={k: v.clone() for k, v in current.items()},
+        global_delta={k: torch.zeros_like(v) for k, v in current.items()},
+        task_adapters={},
+        client_weights={},
+        task_shares={},
+        rejected=rejected,
+    )
