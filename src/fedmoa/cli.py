@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -41,8 +42,6 @@ def train_local(
     ] = None,
 ) -> None:
     """Single-client GRPO with LoRA: writes config, metrics.jsonl and a PEFT adapter."""
-    import dataclasses
-
     from fedmoa.config import TrainLocalConfig, load_config, parse_config
     from fedmoa.train_local import build_local_trainer, start_run, train_into
 
@@ -82,6 +81,85 @@ def train_local(
         fail(err)
     print_summary(run.read_metrics(), [r.name for r in cfg.rewards])
     console.print(f"run directory: [bold]{run.path}[/] (adapter in {run.path / 'adapter'})")
+
+
+@app.command("run")
+def run(
+    config: Annotated[
+        Path | None, typer.Argument(help="experiment TOML (see examples/quickstart.toml)")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="run directory")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
+    engine: Annotated[str, typer.Option(help="embedded (default) or flower")] = "embedded",
+) -> None:
+    """A federation: every client trains locally with GRPO, the server aggregates, per round."""
+    from fedmoa.federation.config import load_experiment
+    from fedmoa.federation.embedded import EmbeddedFederation
+    from fedmoa.runs import RunDirectory
+
+    try:
+        if resume is not None:
+            config = resume / "config.toml"
+            output = resume
+        if config is None:
+            raise FedMOAError("give an experiment file, or --resume RUN_DIR")
+        cfg = load_experiment(config)
+        if engine != "embedded":
+            raise FedMOAError(f"--engine {engine!r} is not available yet; use 'embedded'")
+        run_dir = RunDirectory(output or Path(cfg.output_dir))
+        if resume is None:
+            run_dir.save_config(config, dataclasses.asdict(cfg))
+        federation = EmbeddedFederation(cfg, run_dir)
+        done = federation.resume() if resume is not None else 0
+        if done:
+            console.print(f"resuming after round {done} of {cfg.server.rounds}")
+
+        def on_round(server_round: int, records: list[dict]) -> None:
+            print_round(server_round, records, cfg)
+
+        summary = federation.run_rounds(on_round)
+    except FedMOAError as err:
+        fail(err)
+    final = summary["final_eval"] or {}
+    console.print(
+        f"[bold]{cfg.server.method}[/]: global accuracy {_fmt(final.get('global/accuracy'))}, "
+        f"personalized {_fmt(final.get('personal/accuracy'))}; run directory: [bold]{run_dir.path}[/]"
+    )
+
+
+def print_round(server_round: int, records: list[dict], cfg) -> None:
+    """Per-round table: accuracy, per-objective rewards and weights of each client."""
+    table = Table(title=f"round {server_round}/{cfg.server.rounds}", title_justify="left")
+    for column in ["client", "task", "val acc", "test acc", "rewards (weight)", "KiB up"]:
+        table.add_column(
+            column, justify="left" if column in ("client", "task", "rewards (weight)") else "right"
+        )
+    evals = next((r for r in records if r["type"] == "eval"), {})
+    for r in records:
+        if r["type"] != "client":
+            continue
+        if "failed" in r:
+            table.add_row(r["client"], "-", "failed", "-", r["failed"][:60], "-")
+            continue
+        names = [k.removeprefix("weights/") for k in r if k.startswith("weights/")]
+        objectives = "  ".join(
+            f"{n} {_fmt(r.get(f'rewards/{n}/mean'), 2)} ({_fmt(r.get(f'weights/{n}'), 2)})"
+            for n in names
+        )
+        table.add_row(
+            r["client"],
+            r["task"],
+            _fmt(r["accuracy"], 2),
+            _fmt(evals.get(f"personal/{r['client']}/accuracy"), 2),
+            objectives,
+            f"{r['bytes_up'] / 1024:.0f}",
+        )
+    Console().print(table)
+    if evals:
+        Console().print(
+            f"  global test accuracy {_fmt(evals.get('global/accuracy'))}, "
+            f"personalized {_fmt(evals.get('personal/accuracy'))}"
+        )
 
 
 def print_summary(history: list[dict], reward_names: list[str]) -> None:

@@ -42,10 +42,18 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
+    def drop_records_after(self, completed_round: int) -> None:
+        """On resume, forget what a crashed round had logged: it will be redone."""
+        kept = [r for r in self.read_metrics() if r.get("round", 0) <= completed_round]
+        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        tmp.replace(self.metrics_path)
+
     def save_adapter(self, peft_model: Any, name: str = "adapter") -> Path:
         """Save in PEFT's format (loads with ``PeftModel.from_pretrained``), atomically."""
         target = self.path / name
-        tmp = self.path / f".{name}.tmp"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         peft_model.save_pretrained(tmp)
         if target.exists():

@@ -101,6 +101,7 @@ class ServerConfig:
     # evaluation
     validation_prompts: int = Field(16, gt=0)  # V, for the accuracy a_k each client reports
     eval_every: int = Field(1, ge=0)  # rounds between test evaluations; 0: only at the end
+    test_prompts: int = Field(16, gt=0)  # test rows per client and evaluation
     eval_max_new_tokens: int | None = Field(None, gt=0)
 
 

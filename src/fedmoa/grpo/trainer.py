@@ -137,8 +137,12 @@ def grpo_step(
     weighting: RewardWeighting,
     settings: GRPOSettings,
     timer: PhaseTimer | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One GRPO update of ``policy`` (a PEFT model) on the prompts in ``rows``."""
+    """One GRPO update of ``policy`` (a PEFT model) on the prompts in ``rows``.
+
+    ``regularizer`` adds a term to the loss (FedProx's proximal term).
+    """
     timer = timer or PhaseTimer()
     group = settings.group_size
     names = [name for name, _ in reward_funcs]
@@ -206,6 +210,10 @@ def grpo_step(
                     reward_means=torch.nanmean(rewards, dim=0),
                 )
                 metrics.update(weighting.observe(signals))
+            if regularizer is not None:
+                penalty = regularizer()
+                metrics["proximal_term"] = penalty.item()
+                loss = loss + penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         # 7. AdamW step on the LoRA parameters with the combined gradient.
@@ -261,8 +269,10 @@ class LocalTrainer:
         weighting: RewardWeighting,
         settings: GRPOSettings,
         seed: int = 0,
+        regularizer: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.policy = policy
+        self.regularizer = regularizer
         self.tokenizer = tokenizer
         self.rows = list(rows)
         self.reward_funcs = list(reward_funcs)
@@ -289,6 +299,7 @@ class LocalTrainer:
             self.weighting,
             self.settings,
             timer,
+            self.regularizer,
         )
         self.global_step += 1
         metrics.update(self.weighting.weight_metrics())

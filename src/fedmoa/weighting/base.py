@@ -45,6 +45,10 @@ class RewardWeighting(ABC):
         del signals
         return {}
 
+    def begin_round(self) -> None:
+        """Called by the federated engines at the start of each round (e.g. to drop caches)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

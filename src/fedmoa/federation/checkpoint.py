@@ -1,0 +1,60 @@
+"""Per-round checkpoints, written atomically so a crash never leaves a half-written one."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmoa.errors import FedMOAError
+
+PATTERN = "round-{:04d}.pt"
+
+
+def save_checkpoint(directory: Path, completed_round: int, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` plus the RNG states: temp file, fsync, rename."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / PATTERN.format(completed_round)
+    tmp = target.with_name(f".{target.name}.tmp")
+    state = {
+        **payload,
+        "completed_round": completed_round,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    with tmp.open("wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(target)
+    _fsync_dir(directory)
+    return target
+
+
+def latest_checkpoint(directory: Path) -> dict[str, Any] | None:
+    """The newest checkpoint that loads; an unreadable newer one is reported and skipped."""
+    candidates = sorted(directory.glob("round-*.pt"), reverse=True)
+    errors = []
+    for path in candidates:
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as err:  # a truncated or corrupt file: fall back to the previous one
+            errors.append(f"{path.name}: {type(err).__name__}")
+            continue
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        state["skipped"] = errors
+        return state
+    if candidates:
+        raise FedMOAError(f"no readable checkpoint in {directory} ({'; '.join(errors)})")
+    return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

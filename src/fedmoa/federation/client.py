@@ -1,0 +1,208 @@
+"""One client's round, shared by every engine (embedded loop and Flower ClientApp).
+
+The engines differ only in how the global adapter, the client state and the
+reply travel; what a client does with them is this file, read top to bottom:
+load the start adapter, restore the weighting and prompt sampler, run ``E``
+local GRPO steps, measure validation accuracy, and reply with ``Δθ``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedmoa.aggregation import Adapter, ClientUpdate
+from fedmoa.config import HypergradientConfig
+from fedmoa.data import load_rows, split_rows
+from fedmoa.errors import DataError
+from fedmoa.eval import evaluate_rows
+from fedmoa.federation.config import HYPERGRADIENT_METHODS, ClientConfig, ServerConfig
+from fedmoa.grpo.trainer import LocalTrainer
+from fedmoa.rewards import RewardFunc
+from fedmoa.train_local import build_reward_funcs
+from fedmoa.weighting import RewardWeighting, StaticWeighting
+from fedmoa.weighting.hypergradient import HypergradientWeighting, select_probe_params
+
+Row = dict[str, Any]
+
+
+@dataclass
+class ClientData:
+    train: list[Row]
+    validation: list[Row]
+    test: list[Row]
+
+
+def load_client_data(client: ClientConfig) -> ClientData:
+    """The client's private rows, split deterministically into disjoint train/validation/test."""
+    rows = load_rows(client.data)
+    split = client.split
+    train, validation, test = split_rows(
+        rows, (split.train, split.validation, split.test), seed=client.data.seed
+    )
+    if not train:
+        raise DataError(f"client {client.id!r}: empty train partition ({len(rows)} rows in all)")
+    return ClientData(train, validation, test)
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that is the same in every process and engine (``hash()`` is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def adapter_state(policy: Any) -> Adapter:
+    """The LoRA tensors only, detached copies on CPU: what travels between client and server."""
+    return {
+        k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(policy).items()
+    }
+
+
+def load_adapter(policy: Any, adapter: Adapter) -> None:
+    result = set_peft_model_state_dict(policy, adapter)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"adapter has keys the model lacks: {sorted(unexpected)[:3]}")
+
+
+def adapter_bytes(adapter: Adapter) -> int:
+    return sum(t.numel() * t.element_size() for t in adapter.values())
+
+
+def make_weighting(
+    method: str, client: ClientConfig, hypergradient: HypergradientConfig, policy: Any
+) -> RewardWeighting:
+    """Static weights for the baselines, FedMOA's hypergradient for ``fedmoa`` and ``fedmoa-hg``."""
+    names = [r.name for r in client.rewards]
+    initial = [r.weight for r in client.rewards]
+    if method not in HYPERGRADIENT_METHODS:
+        return StaticWeighting(names, client.primary_reward, initial)
+    probe = [p for _, p in select_probe_params(policy, hypergradient.probe)]
+    return HypergradientWeighting(
+        names,
+        client.primary_reward,
+        initial,
+        probe,
+        eta=hypergradient.eta,
+        w_min=hypergradient.w_min,
+        anchor=hypergradient.anchor,
+        carry_across_rounds=hypergradient.carry_across_rounds,
+    )
+
+
+def proximal_term(policy: Any, anchor: Adapter, mu: float) -> Callable[[], torch.Tensor]:
+    """FedProx: ``μ/2·‖θ − θ_t‖²`` over the LoRA tensors."""
+    # PEFT's state-dict names drop the adapter name that parameter names carry.
+    named = {n.replace(f".{policy.active_adapter}", ""): p for n, p in policy.named_parameters()}
+    pairs = [(named[k], v.to(named[k].device, named[k].dtype)) for k, v in anchor.items()]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - s) ** 2).sum() for p, s in pairs)
+
+    return penalty
+
+
+@dataclass
+class ClientRoundResult:
+    update: ClientUpdate
+    state: dict[str, Any]  # what the client keeps for its next round
+    history: list[dict[str, float]]  # per-step metrics
+    bytes_down: int
+    bytes_up: int
+
+
+def run_client_round(
+    policy: Any,
+    tokenizer: Any,
+    client: ClientConfig,
+    data: ClientData,
+    reward_funcs: Sequence[tuple[str, RewardFunc]],
+    start: Adapter,
+    state: dict[str, Any] | None,
+    *,
+    method: str,
+    server: ServerConfig,
+    hypergradient: HypergradientConfig,
+    seed: int,
+    server_round: int,
+) -> ClientRoundResult:
+    """One round of local GRPO for ``client`` starting from ``start``; pure in its inputs."""
+    torch.manual_seed(stable_seed(seed, client.id, server_round))
+    load_adapter(policy, start)
+    weighting = make_weighting(method, client, hypergradient, policy)
+    trainer = LocalTrainer(
+        policy,
+        tokenizer,
+        data.train,
+        reward_funcs,
+        weighting,
+        client.grpo,
+        seed=stable_seed(seed, client.id, "prompts"),
+        regularizer=proximal_term(policy, start, server.fedprox_mu)
+        if method == "fedprox"
+        else None,
+    )
+    if state:
+        weighting.load_state_dict(state["weighting"])
+        trainer.sampler.load_state_dict(state["sampler"])
+    weighting.begin_round()
+    history = trainer.train(client.local_steps)
+
+    validation = data.validation[: server.validation_prompts]
+    primary = client.primary_reward
+    max_new = server.eval_max_new_tokens or client.grpo.max_new_tokens
+    result = evaluate_rows(policy, tokenizer, validation, reward_funcs, primary, max_new)
+    accuracy = result.accuracy if result.accuracy == result.accuracy else 0.0  # no rows: 0
+
+    after = adapter_state(policy)
+    delta = {k: after[k] - start[k] for k in start}
+    metrics = uniform_metrics(history, weighting, primary)
+    update = ClientUpdate(
+        client_id=client.id,
+        task=client.task,
+        num_examples=client.local_steps * client.grpo.batch_size,
+        delta=delta,
+        accuracy=float(accuracy),
+        metrics=metrics,
+    )
+    new_state = {"weighting": weighting.state_dict(), "sampler": trainer.sampler.state_dict()}
+    return ClientRoundResult(update, new_state, history, adapter_bytes(start), adapter_bytes(delta))
+
+
+def uniform_metrics(
+    history: list[dict[str, float]], weighting: RewardWeighting, primary: str
+) -> dict[str, float]:
+    """Metrics whose keys are the same on every client, whatever its objectives are called.
+
+    Flower's strategies reject replies whose metric keys differ; the per-objective
+    details travel separately (``objective_metrics``).
+    """
+    last = history[-1]
+    aux = [n for n in weighting.names if n != primary]
+    aux_means = [last[f"rewards/{n}/mean"] for n in aux]
+    aux_means = [v for v in aux_means if v == v]
+    return {
+        "reward": last["reward"],
+        "reward/primary": last[f"rewards/{primary}/mean"],
+        "reward/aux_mean": sum(aux_means) / len(aux_means) if aux_means else 0.0,
+        "weight/primary": float(weighting.weights()[weighting.primary_index]),
+        "loss": last["loss"],
+        "step_time": sum(m["step_time"] for m in history),
+    }
+
+
+def objective_metrics(history: list[dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+    """Per-objective reward means, weights and alignments of the round's last step."""
+    last = history[-1]
+    keys = [f"{kind}/{n}" for kind in ("weights", "alignment") for n in names]
+    keys += [f"rewards/{n}/mean" for n in names]
+    return {k: last[k] for k in keys if k in last}
+
+
+def client_reward_funcs(client: ClientConfig, index: int) -> list[tuple[str, RewardFunc]]:
+    return build_reward_funcs(client.rewards, field=f"clients[{index}].rewards")

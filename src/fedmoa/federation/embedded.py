@@ -1,0 +1,232 @@
+"""The embedded engine: a sequential, in-process federation.
+
+One base model stays in memory; each client's turn swaps its start adapter in,
+so memory does not grow with the number of clients. Every round ends with a
+checkpoint, so ``--resume`` loses at most the round in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedmoa.aggregation import Adapter
+from fedmoa.errors import FedMOAError
+from fedmoa.eval import evaluate_rows
+from fedmoa.federation.checkpoint import latest_checkpoint, save_checkpoint
+from fedmoa.federation.client import (
+    ClientData,
+    adapter_state,
+    client_reward_funcs,
+    load_adapter,
+    load_client_data,
+    objective_metrics,
+    run_client_round,
+)
+from fedmoa.federation.config import ExperimentConfig
+from fedmoa.federation.server import FederatedServer
+from fedmoa.models import attach_lora, load_model_and_tokenizer
+from fedmoa.runs import RunDirectory, write_json_atomic
+from fedmoa.train_local import lora_settings, seed_everything
+
+logger = logging.getLogger(__name__)
+RoundCallback = Callable[[int, list[dict[str, Any]]], None]
+
+
+def build_policy(cfg: ExperimentConfig) -> tuple[Any, Any, Adapter]:
+    """Base model + LoRA initialised from the seed; the same on every engine."""
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
+    )
+    seed_everything(cfg.seed)
+    policy = attach_lora(model, lora_settings(cfg))
+    return policy, tokenizer, adapter_state(policy)
+
+
+class EmbeddedFederation:
+    """Runs ``cfg`` round by round into ``run``; resumable from the run's checkpoints."""
+
+    def __init__(self, cfg: ExperimentConfig, run: RunDirectory) -> None:
+        self.cfg = cfg
+        self.run = run
+        self.reward_funcs = {c.id: client_reward_funcs(c, i) for i, c in enumerate(cfg.clients)}
+        self.data: dict[str, ClientData] = {c.id: load_client_data(c) for c in cfg.clients}
+        self.clients = {c.id: c for c in cfg.clients}
+        self.policy, self.tokenizer, initial = build_policy(cfg)
+        self.server = FederatedServer(cfg, initial)
+        self.client_states: dict[str, dict[str, Any]] = {}
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run.path / "checkpoints"
+
+    def resume(self) -> int:
+        """Restore the last completed round; returns it (0 when starting fresh)."""
+        state = latest_checkpoint(self.checkpoint_dir)
+        if state is None:
+            return 0
+        for skipped in state["skipped"]:
+            logger.warning("skipping unreadable checkpoint %s", skipped)
+        self.server.load_state_dict(state["server"])
+        self.client_states = state["clients"]
+        self.run.drop_records_after(state["completed_round"])
+        return state["completed_round"]
+
+    def run_rounds(self, on_round: RoundCallback | None = None) -> dict[str, Any]:
+        start = self.server.state.completed_rounds
+        for server_round in range(start + 1, self.cfg.server.rounds + 1):
+            records = self.run_round(server_round)
+            if on_round is not None:
+                on_round(server_round, records)
+        return self.finish()
+
+    def run_round(self, server_round: int) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        plan = self.server.configure_round(server_round)
+        updates, records = [], []
+        for client_id, start in plan.starts.items():
+            client = self.clients[client_id]
+            began = time.perf_counter()
+            try:
+                result = run_client_round(
+                    self.policy,
+                    self.tokenizer,
+                    client,
+                    self.data[client_id],
+                    self.reward_funcs[client_id],
+                    start,
+                    self.client_states.get(client_id),
+                    method=cfg.server.method,
+                    server=cfg.server,
+                    hypergradient=cfg.hypergradient,
+                    seed=cfg.seed,
+                    server_round=server_round,
+                )
+            except FedMOAError:
+                raise
+            except Exception as err:  # a crashing client fails the round for itself only
+                logger.warning(
+                    "round %d: client %r failed: %s: %s",
+                    server_round,
+                    client_id,
+                    type(err).__name__,
+                    err,
+                )
+                records.append(
+                    {
+                        "type": "client",
+                        "round": server_round,
+                        "client": client_id,
+                        "failed": f"{type(err).__name__}: {err}",
+                    }
+                )
+                continue
+            self.client_states[client_id] = result.state
+            updates.append(result.update)
+            weighting_state = objective_metrics(result.history, [r.name for r in client.rewards])
+            records.append(
+                {
+                    "type": "client",
+                    "round": server_round,
+                    "client": client_id,
+                    "task": client.task,
+                    "accuracy": result.update.accuracy,
+                    "bytes_down": result.bytes_down,
+                    "bytes_up": result.bytes_up,
+                    "seconds": time.perf_counter() - began,
+                    **result.update.metrics,
+                    **weighting_state,
+                }
+            )
+        aggregated = self.server.aggregate_round(plan, updates)
+        records.append(
+            {
+                "type": "round",
+                "round": server_round,
+                "replies": len(updates),
+                "rejected": [dataclasses.asdict(r) for r in aggregated.rejected],
+                "client_weights": aggregated.client_weights,
+                "task_shares": aggregated.task_shares,
+                "bytes_down": sum(r.get("bytes_down", 0) for r in records),
+                "bytes_up": sum(r.get("bytes_up", 0) for r in records),
+            }
+        )
+        every = cfg.server.eval_every
+        if (every and server_round % every == 0) or server_round == cfg.server.rounds:
+            records.append({"type": "eval", "round": server_round, **self.evaluate()})
+        for record in records:
+            self.run.log(record)
+        save_checkpoint(
+            self.checkpoint_dir,
+            server_round,
+            {"server": self.server.state_dict(), "clients": self.client_states},
+        )
+        return records
+
+    def evaluate(self) -> dict[str, float]:
+        """Global adapter on every client's test split (averaged per task) and each client's
+        personalized adapter (task adapter; own adapter for ``local``) on its own split."""
+        cfg, state = self.cfg, self.server.state
+        out: dict[str, float] = {}
+        per_task: dict[str, list[float]] = {}
+        for client in cfg.clients:
+            test = self.data[client.id].test[: cfg.server.test_prompts]
+            max_new = cfg.server.eval_max_new_tokens or client.grpo.max_new_tokens
+            funcs = self.reward_funcs[client.id]
+            load_adapter(self.policy, state.global_adapter)
+            global_result = evaluate_rows(
+                self.policy, self.tokenizer, test, funcs, client.primary_reward, max_new
+            )
+            per_task.setdefault(client.task, []).append(global_result.accuracy)
+            out[f"global/{client.id}/accuracy"] = global_result.accuracy
+            personal = state.client_adapters.get(client.id) or state.task_adapters.get(client.task)
+            if personal is not None:
+                load_adapter(self.policy, personal)
+                personal_result = evaluate_rows(
+                    self.policy, self.tokenizer, test, funcs, client.primary_reward, max_new
+                )
+            else:
+                personal_result = global_result
+            out[f"personal/{client.id}/accuracy"] = personal_result.accuracy
+            out.update(
+                {
+                    f"personal/{client.id}/rewards/{k}": v
+                    for k, v in personal_result.reward_means.items()
+                }
+            )
+        for task, values in per_task.items():
+            out[f"global/{task}/accuracy"] = _mean(values)
+        out["global/accuracy"] = _mean([out[f"global/{t}/accuracy"] for t in per_task])
+        out["personal/accuracy"] = _mean([out[f"personal/{c.id}/accuracy"] for c in cfg.clients])
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        """Save the final adapters in PEFT format and write ``summary.json``."""
+        state = self.server.state
+        load_adapter(self.policy, state.global_adapter)
+        self.run.save_adapter(self.policy, "adapters/global")
+        for task, adapter in state.task_adapters.items():
+            load_adapter(self.policy, adapter)
+            self.run.save_adapter(self.policy, f"adapters/task-{task}")
+        records = self.run.read_metrics()
+        evals = [r for r in records if r.get("type") == "eval"]
+        rounds = [r for r in records if r.get("type") == "round"]
+        summary = {
+            "method": self.cfg.server.method,
+            "rounds": state.completed_rounds,
+            "final_eval": evals[-1] if evals else None,
+            "bytes_down": sum(r["bytes_down"] for r in rounds),
+            "bytes_up": sum(r["bytes_up"] for r in rounds),
+        }
+        write_json_atomic(self.run.path / "summary.json", summary)
+        return summary
+
+
+def _mean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan

@@ -1,0 +1,457 @@
+"""Online reward weighting by hypergradient descent (the FedMOA client part).
+
+The weights live on a floored simplex, ``w = w_min + (1 - m·w_min)·softmax(z)``,
+so that no objective ever vanishes. At every step the weighting measures, for each
+objective ``i``, how well that objective's *previous* update direction on a small
+probe set of LoRA parameters lines up with the direction that *now* improves the
+primary objective: ``u_i = cos(g_p^s, g_i^{s-1})``. This is the one-step-delayed
+hypergradient of Baydin et al. (2018); the cosine makes it free of reward scale.
+The logits then ascend ``Σ_i w_i u_i``:
+
+    z_i ← z_i + η·w_i·(u_i − Σ_j w_j u_j) − λ_anchor·(z_i − z_i^0)
+
+A saturated objective has ``Â_i = 0``, hence ``g_i = 0`` and ``u_i = 0``, so its
+weight flows to the objectives that still help the primary one.
+
+See docs "Client: one round of local GRPO", items 4 and 6.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedmoa.weighting.base import RewardWeighting, StepSignals, normalize_weights
+
+logger = logging.getLogger(__name__)
+
+# Decoder blocks are numbered ``...layers.<i>...`` (Llama, Qwen, Mistral, SmolLM),
+# ``...h.<i>...`` (GPT-2, Falcon), ``...blocks.<i>...`` or ``...layer.<i>...`` (BERT-like).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAST_K = re.compile(r"last(\d+)")
+
+# Floor for ``w0_i - w_min`` when initialising the logits: a configured weight at or
+# below the floor maps to a finite, very negative logit (weight ≈ w_min), not -inf,
+# which would turn the anchor term ``z - z0`` into NaN.
+_TINY = 1e-8
+
+
+def select_probe_params(
+    model: torch.nn.Module, probe: str = "last2"
+) -> list[tuple[str, torch.nn.Parameter]]:
+    """The LoRA parameters whose gradients the hypergradient compares.
+
+    ``"last2"`` (the default; generally ``"last<k>"``) takes the LoRA ``B`` matrices of
+    the last ``k`` decoder layers: backward from the loss stops there, so the probe
+    costs a fraction of a full backward, and ``B`` is where LoRA's update starts
+    (it is zero at init, so its gradient is never degenerate). ``"all"`` takes every
+    trainable LoRA parameter. Names are returned so callers can log the choice.
+    """
+    lora = [
+        (name, param)
+        for name, param in model.named_parameters()
+        if param.requires_grad and "lora_" in name
+    ]
+    if probe == "all":
+        chosen = lora
+    else:
+        match = _LAST_K.fullmatch(probe)
+        if match is None or int(match.group(1)) < 1:
+            raise ValueError(f"unknown probe {probe!r}: expected 'all' or 'last<k>' (e.g. 'last2')")
+        k = int(match.group(1))
+        indexed = []
+        for name, param in lora:
+            layer = _LAYER_INDEX.search(name)
+            if "lora_B" in name and layer is not None:
+                indexed.append((int(layer.group(1)), name, param))
+        last = set(sorted({i for i, _, _ in indexed})[-k:])
+        chosen = [(name, param) for i, name, param in indexed if i in last]
+    if not chosen:
+        raise ValueError(
+            f"probe {probe!r} found no trainable LoRA parameters in {type(model).__name__}"
+            + ("" if probe == "all" else " (looked for 'lora_B' under '...layers.<i>...')")
+            + "; attach a LoRA adapter first"
+        )
+    return chosen
+
+
+def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` divided by its largest entry (per row), and that entry.
+
+    Norms of the scaled rows neither underflow (gradients of 1e-30) nor overflow
+    (1e25) in float32, where squaring would.
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True)
+    return x / torch.where(scale > 0, scale, torch.ones_like(scale)), scale
+
+
+def _row_norms(rows: torch.Tensor) -> torch.Tensor:
+    scaled, scale = _scaled(rows)
+    return torch.linalg.vector_norm(scaled, dim=-1) * scale.squeeze(-1)
+
+
+def _row_cosines(vector: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``cos(vector, rows[i])`` for every row, 0 where either side is zero."""
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        x, _ = _scaled(x)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x / torch.where(norm > 0, norm, torch.ones_like(norm))  # zero stays zero
+
+    return (unit(rows) @ unit(vector)).clamp(-1.0, 1.0)
+
+
+class HypergradientWeighting(RewardWeighting):
+    """FedMOA's adaptive weights: ascend the primary objective's alignment with each objective.
+
+    ``probe_params`` are the tensors gradients are taken against (see
+    ``select_probe_params``). ``eta`` is the hypergradient step ``η_hg``, ``w_min``
+    the per-objective floor, ``anchor`` the pull ``λ_anchor`` back to the initial
+    logits. With ``carry_across_rounds`` the cached gradients survive
+    ``begin_round()``, so the first step of a round compares the new global model's
+    primary direction with last round's local directions; without it that step
+    makes no update.
+
+    The logits start at ``z0_i = log(max(w0_i − w_min, 1e-8) / (1 − m·w_min))`` with
+    ``w0`` the normalised initial weights, so the mixed weights equal ``w0`` exactly
+    whenever every ``w0_i ≥ w_min`` (and lift any smaller weight to about ``w_min``).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        primary: str,
+        initial: Sequence[float],
+        probe_params: Sequence[torch.Tensor],
+        eta: float = 1.0,
+        w_min: float = 0.02,
+        anchor: float = 0.0,
+        carry_across_rounds: bool = True,
+    ) -> None:
+        super().__init__(names, primary)
+        m = len(self.names)
+        if len(initial) != m:
+            raise ValueError(f"{m} objectives but {len(initial)} initial weights")
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be finite and >= 0, got {eta}")
+        if not (math.isfinite(w_min) and w_min >= 0 and m * w_min < 1):
+            raise ValueError(
+                f"w_min must satisfy 0 <= w_min and m·w_min < 1 (m={m}), got w_min={w_min}"
+            )
+        if not (0 <= anchor <= 1):
+            # λ > 1 overshoots z0 every step and λ > 2 diverges.
+            raise ValueError(f"anchor must be in [0, 1], got {anchor}")
+        self.eta = float(eta)
+        self.w_min = float(w_min)
+        self.anchor = float(anchor)
+        self.carry_across_rounds = carry_across_rounds
+        w0 = normalize_weights(initial).double()
+        mass = 1.0 - m * self.w_min
+        self.z0 = torch.log((w0 - self.w_min).clamp(min=_TINY) / mass)
+        self.z = self.z0.clone()
+        self.probe_params: list[torch.Tensor] = []
+        self.probe_size = 0
+        self.remove_hooks()  # initialises the (empty) per-sample hook state
+        self._capture: torch.Tensor | None = None
+        self._capture_failed = False
+        self._parts: dict[int, torch.Tensor] = {}
+        self.last_path = "none"  # how the last probe gradients were computed
+        self.set_probe_params(probe_params)
+        # g^{s-1}: one flattened float32 probe gradient per objective, or None.
+        self.cached: torch.Tensor | None = None
+        self.steps = 0  # observe() calls
+        self.updates = 0  # logit updates made
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def weights(self) -> torch.Tensor:
+        return self._mix(self.z).float()
+
+    def _mix(self, z: torch.Tensor) -> torch.Tensor:
+        m = len(self.names)
+        return self.w_min + (1.0 - m * self.w_min) * torch.softmax(z, dim=0)
+
+    # -- probe -----------------------------------------------------------------------------
+
+    @classmethod
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        names: Sequence[str],
+        primary: str,
+        initial: Sequence[float],
+        probe: str = "last2",
+        per_sample: bool = True,
+        **kwargs: Any,
+    ) -> HypergradientWeighting:
+        """Select the probe on ``model`` and, with ``per_sample``, hook it for the fast path."""
+        params = [p for _, p in select_probe_params(model, probe)]
+        weighting = cls(names, primary, initial, params, **kwargs)
+        if per_sample:
+            weighting.hook_model(model)
+        return weighting
+
+    def set_probe_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Point the probe at (new) parameter tensors, e.g. after the engine swaps adapters.
+
+        The total size must not change once set, because the cached gradients are
+        compared with the new ones entry by entry. Tensors other than the hooked
+        ones drop the per-sample hooks (call ``hook_model`` again to restore them).
+        """
+        params = list(params)
+        if not params:
+            raise ValueError("probe_params is empty; use select_probe_params(model)")
+        if not all(p.requires_grad for p in params):
+            raise ValueError("every probe parameter must require grad")
+        size = sum(p.numel() for p in params)
+        if self.probe_size and size != self.probe_size:
+            raise ValueError(f"probe has {size} entries, expected {self.probe_size}")
+        if self._hooks and [id(p) for p in params] != [id(p) for p in self.probe_params]:
+            self.remove_hooks()
+        self.probe_params = params
+        self.probe_size = size
+
+    def hook_model(self, model: torch.nn.Module) -> None:
+        """Install forward hooks on the ``nn.Linear`` modules that own the probe parameters.
+
+        Why: with hooks, all m probe gradients cost one partial backward instead of m.
+        A decoder LM treats the sequences of a batch independently, and the surrogate
+        is linear in the per-sequence advantage, so the gradient reaching a probe
+        module's output for objective i is row j of the gradient for ``a = 1`` scaled
+        by ``Â_ij``. One backward with ``a = 1`` therefore gives per-sequence weight
+        gradients ``Σ_t δ_jt x_jtᵀ`` (``x`` saved by the hook, ``δ`` caught by a tensor
+        hook), and ``g_i = Σ_j Â_ij Σ_t δ_jt x_jtᵀ``. Only the model's forward after
+        this call is hooked; ``observe`` falls back to one backward per objective
+        when a probe module did not run in grad mode or rows are not sequences (a
+        packed, padding-free batch). Not for reentrant activation checkpointing.
+        """
+        self.remove_hooks()
+        owners: dict[int, torch.nn.Linear] = {}
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                owners.setdefault(id(module.weight), module)
+        missing = [i for i, p in enumerate(self.probe_params) if id(p) not in owners]
+        if missing:
+            raise ValueError(
+                f"probe parameters {missing} are not weights of nn.Linear modules of "
+                f"{type(model).__name__}; use the per-objective backward (no hooks)"
+            )
+        me = weakref.ref(self)
+        for index, param in enumerate(self.probe_params):
+            module = owners[id(param)]
+
+            def hook(
+                module: torch.nn.Module,
+                inputs: tuple[Any, ...],
+                output: torch.Tensor,
+                index: int = index,
+            ) -> None:
+                weighting = me()
+                if weighting is not None:
+                    weighting._on_forward(index, inputs[0], output)
+
+            self._hooks.append(module.register_forward_hook(hook))
+
+    def remove_hooks(self) -> None:
+        """Remove the per-sample hooks; ``observe`` then takes one backward per objective."""
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._seen: set[int] = set()
+
+    def _on_forward(self, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Forward hook: remember that probe module ``index`` ran in grad mode, and catch
+        the gradient of its output when ``_per_sample_gradients`` asks for it."""
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return  # generation, reference and old-policy forwards
+        self._seen.add(index)
+        x = x.detach()
+
+        def on_grad(grad: torch.Tensor) -> None:
+            adv = self._capture
+            if adv is None:
+                return  # the real backward
+            n = adv.shape[0]
+            if grad.shape[0] != n or x.shape[0] != n:
+                self._capture_failed = True
+                return
+            delta = grad.reshape(n, -1, grad.shape[-1]).float()
+            inp = x.reshape(n, -1, x.shape[-1]).float()
+            # Per-sequence weight gradients first (one bmm), then mix them per objective;
+            # a single einsum would contract the m-fold larger adv ⊗ delta first.
+            per_sequence = torch.bmm(delta.transpose(1, 2), inp).reshape(n, -1)
+            part = adv.T @ per_sequence
+            previous = self._parts.get(index)
+            self._parts[index] = part if previous is None else previous + part
+
+        output.register_hook(on_grad)
+
+    def probe_gradients(self, signals: StepSignals) -> torch.Tensor:
+        """``g_i = ∇_P L(θ; Â_i)`` for every objective, as rows of a float32 [m, |P|] tensor.
+
+        The surrogate is linear in the advantage inside the clip region, so we take
+        its per-sequence coefficients once, ``c = ∂L/∂a`` at ``a = 0`` (cheap: only the
+        loss head is differentiated, with ``create_graph``), and then backpropagate
+        ``c·Â_i`` to the probe alone, reusing the step's forward graph. This equals
+        ``autograd.grad(L(Â_i), P)`` at β = 0 and drops the advantage-free KL term
+        when β > 0, so a saturated objective's gradient is exactly zero. At a = 0 the
+        clip's two branches tie and PyTorch splits the gradient between them, which
+        differs from L(Â_i) only for tokens outside the clip region; on the step's
+        first iteration (where the trainer calls ``observe``) the ratio is 1.
+        With ``hook_model`` one backward serves all objectives (see there); without
+        it, one backward per objective, skipping objectives with ``Â_i ≡ 0``.
+        """
+        adv = torch.nan_to_num(signals.objective_advantages.detach(), nan=0.0)
+        m = len(self.names)
+        if adv.dim() != 2 or adv.shape[1] != m:
+            raise ValueError(f"objective_advantages must be [N, {m}], got {tuple(adv.shape)}")
+        device = self.probe_params[0].device
+        grads = torch.zeros(m, self.probe_size, dtype=torch.float32, device=device)
+        self.last_path = "none"
+        if not adv.any():
+            return grads
+        a = torch.zeros(adv.shape[0], dtype=torch.float32, device=adv.device, requires_grad=True)
+        (coef,) = torch.autograd.grad(
+            signals.objective_loss(a), a, create_graph=True, allow_unused=True
+        )
+        if coef is None or not coef.requires_grad:
+            return grads  # the loss does not depend on the probe through the advantage
+        per_sample = self._per_sample_gradients(coef, adv)
+        if per_sample is not None:
+            grads, self.last_path = per_sample, "per_sample"
+        else:
+            self.last_path = "per_objective"
+            for i in range(m):
+                column = adv[:, i].to(coef.device, coef.dtype)
+                if not column.any():
+                    continue
+                parts = torch.autograd.grad(
+                    coef, self.probe_params, column, retain_graph=True, allow_unused=True
+                )
+                grads[i] = torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1).float()
+                        for g, p in zip(parts, self.probe_params, strict=True)
+                    ]
+                )
+        finite = torch.isfinite(grads).all(dim=1)
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(self.names, finite.tolist(), strict=True) if not ok]
+            logger.warning("non-finite probe gradient for %s; treated as zero", bad)
+            grads[~finite] = 0.0
+        return grads
+
+    def _per_sample_gradients(self, coef: torch.Tensor, adv: torch.Tensor) -> torch.Tensor | None:
+        """All m probe gradients from one backward through the hooks, or None to fall back."""
+        if not self._hooks or len(self._seen) != len(self.probe_params):
+            return None
+        device = self.probe_params[0].device
+        self._capture = adv.to(device, torch.float32)
+        self._capture_failed = False
+        self._parts = {}
+        try:
+            torch.autograd.grad(
+                coef, self.probe_params, torch.ones_like(coef), retain_graph=True, allow_unused=True
+            )
+        finally:
+            self._capture = None
+        parts, self._parts = self._parts, {}
+        if self._capture_failed:
+            return None
+        m = adv.shape[1]
+        return torch.cat(
+            [
+                parts[i] if i in parts else torch.zeros(m, p.numel(), device=device)
+                for i, p in enumerate(self.probe_params)
+            ],
+            dim=1,
+        )
+
+    # -- update ----------------------------------------------------------------------------
+
+    def observe(self, signals: StepSignals) -> dict[str, float]:
+        """Update the logits from this step's graph; call after the loss, before backward.
+
+        Metrics (same keys every step): ``alignment/<name>`` is ``u_i``, and 0.0 on a
+        step without cached gradients (the value that makes no update, and a valid
+        JSON/Flower metric, unlike NaN); ``hypergrad/updated`` says whether the logits
+        moved, so a 0 alignment from "no cache" can be told from a saturated
+        objective; ``probe_grad_norm/<name>`` is ``‖g_i^s‖``; ``hypergrad/per_sample``
+        says whether the one-backward path of ``hook_model`` was taken;
+        ``timing/hypergradient`` is this call's wall time.
+        """
+        start = time.perf_counter()
+        grads = self.probe_gradients(signals)
+        m = len(self.names)
+        alignment = torch.zeros(m, dtype=torch.float64)
+        updated = self.cached is not None
+        if self.cached is not None:
+            primary = grads[self.primary_index]
+            alignment = _row_cosines(primary, self.cached.to(primary.device)).double().cpu()
+            w = self._mix(self.z)
+            step = self.eta * w * (alignment - (w * alignment).sum())
+            self.z = self.z + step - self.anchor * (self.z - self.z0)
+            self.updates += 1
+        self.cached = grads.detach()
+        self.steps += 1
+        self._seen.clear()  # the next step's forward must run through the hooks again
+        norms = _row_norms(grads).cpu().tolist()
+        metrics = {f"alignment/{n}": float(u) for n, u in zip(self.names, alignment, strict=True)}
+        metrics.update({f"probe_grad_norm/{n}": v for n, v in zip(self.names, norms, strict=True)})
+        metrics["hypergrad/updated"] = float(updated)
+        metrics["hypergrad/per_sample"] = float(self.last_path == "per_sample")
+        metrics["timing/hypergradient"] = time.perf_counter() - start
+        return metrics
+
+    def begin_round(self) -> None:
+        """Start of a federated round: forget the cached gradients unless they carry over."""
+        if not self.carry_across_rounds:
+            self.cached = None
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """A flat dict of CPU tensors and plain numbers (easy to turn into numpy for Flower).
+
+        ``cached_grads`` always has shape [m, |P|] (zeros when ``has_cache`` is 0), so
+        the layout never changes between rounds.
+        """
+        cached = (
+            self.cached.detach().float().cpu().clone()
+            if self.cached is not None
+            else torch.zeros(len(self.names), self.probe_size)
+        )
+        return {
+            "z": self.z.clone(),
+            "z0": self.z0.clone(),
+            "cached_grads": cached,
+            "has_cache": int(self.cached is not None),
+            "steps": self.steps,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output; tensors may come back as numpy arrays."""
+        m = len(self.names)
+        z = torch.as_tensor(state["z"], dtype=torch.float64).clone()
+        z0 = torch.as_tensor(state["z0"], dtype=torch.float64).clone()
+        cached = torch.as_tensor(state["cached_grads"], dtype=torch.float32).clone()
+        if z.shape != (m,) or z0.shape != (m,):
+            raise ValueError(f"state has logits of shape {tuple(z.shape)}, expected ({m},)")
+        if cached.shape != (m, self.probe_size):
+            raise ValueError(
+                f"state has cached gradients of shape {tuple(cached.shape)}, "
+                f"expected ({m}, {self.probe_size}): was the probe set changed?"
+            )
+        self.z, self.z0 = z, z0
+        device = self.probe_params[0].device
+        self.cached = cached.to(device) if int(state["has_cache"]) else None
+        self.steps = int(state["steps"])
+        self.updates = int(state["updates"])
