@@ -183,3 +183,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m fedmoa.cli
+    main()

@@ -1,0 +1,162 @@
+"""The embedded engine: heterogeneous clients, every method, checkpoints and resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedmoa.federation.config import load_experiment
+from fedmoa.federation.embedded import EmbeddedFederation
+from fedmoa.runs import RunDirectory
+
+USER_REWARD = """
+def digit_share(prompts, completions, **kwargs):
+    texts = [c[0]["content"] for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+"""
+
+EXPERIMENT = """
+seed = 5
+
+[model]
+name = "tiny-random-qwen2"
+dtype = "fp32"
+device = "cpu"
+
+[server]
+method = "METHOD"
+rounds = ROUNDS
+validation_prompts = 2
+test_prompts = 2
+
+[client_defaults]
+local_steps = 2
+grpo = {{ batch_size = 2, group_size = 4, max_new_tokens = 6, lr = 0.05 }}
+data = {{ source = "reasoning_gym", name = "basic_arithmetic", size = 24, params = {{ min_terms = 2, max_terms = 2, min_digits = 1, max_digits = 1 }} }}
+
+[[clients]]
+id = "math-a"
+task = "math"
+rewards = [
+  {{ name = "digits", function = "{reward}:digit_share", role = "primary" }},
+  {{ name = "brevity", function = "length", weight = 0.5, params = {{ target = 3 }} }},
+]
+
+[[clients]]
+id = "math-b"
+task = "math"
+rewards = [
+  {{ name = "accuracy", function = "math_accuracy", role = "primary", params = {{ require_final_answer = false }} }},
+  {{ name = "share", function = "{reward}:digit_share", weight = 2.0 }},
+  {{ name = "boxed", function = "format", weight = 0.1 }},
+]
+
+[[clients]]
+id = "chain"
+task = "chain"
+data = {{ name = "chain_sum", seed = 2 }}
+rewards = [{{ name = "digits", function = "{reward}:digit_share", role = "primary" }}]
+"""
+
+
+def write_experiment(tmp_path: Path, method: str = "fedmoa", rounds: int = 2) -> Path:
+    reward = tmp_path / "user_rewards.py"
+    reward.write_text(USER_REWARD)
+    text = EXPERIMENT.format(reward=reward).replace("METHOD", method).replace("ROUNDS", str(rounds))
+    path = tmp_path / "experiment.toml"
+    path.write_text(text)
+    return path
+
+
+def run_embedded(config: Path, out: Path) -> tuple[EmbeddedFederation, dict[str, torch.Tensor]]:
+    cfg = load_experiment(config)
+    federation = EmbeddedFederation(cfg, RunDirectory(out))
+    initial = dict(federation.server.state.global_adapter)
+    federation.run_rounds()
+    return federation, initial
+
+
+def test_heterogeneous_rewards_in_one_federation(tmp_path):
+    federation, _ = run_embedded(write_experiment(tmp_path, "fedmoa", rounds=1), tmp_path / "run")
+    records = federation.run.read_metrics()
+    clients = {r["client"]: r for r in records if r["type"] == "client"}
+    assert set(clients) == {"math-a", "math-b", "chain"}
+    assert {"weights/brevity", "alignment/brevity"} <= set(clients["math-a"])
+    assert {"weights/accuracy", "weights/share", "weights/boxed"} <= set(clients["math-b"])
+    # The keys every client reports to the server are the same whatever its objectives.
+    uniform = {"reward", "reward/primary", "reward/aux_mean", "weight/primary", "loss", "step_time"}
+    assert all(uniform <= set(r) for r in clients.values())
+    round_record = next(r for r in records if r["type"] == "round")
+    assert round_record["task_shares"] == pytest.approx({"math": 0.5, "chain": 0.5})
+    assert round_record["bytes_up"] > 0
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"method": "fedmoa"' in summary
+    assert (tmp_path / "run" / "adapters" / "global" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "method", ["fedavg", "fedprox", "fedadam", "fedmoa-hg", "fedmoa-taa", "local"]
+)
+def test_every_method_runs_a_round(tmp_path, method):
+    federation, initial = run_embedded(
+        write_experiment(tmp_path, method, rounds=1), tmp_path / "run"
+    )
+    state = federation.server.state
+    changed = any(not torch.equal(state.global_adapter[k], v) for k, v in initial.items())
+    assert state.completed_rounds == 1
+    if method == "local":
+        assert not changed, "local training never touches the global adapter"
+        assert set(state.client_adapters) == {"math-a", "math-b", "chain"}
+    else:
+        assert changed
+        assert set(state.task_adapters) == {"math", "chain"}
+
+
+def adapter_file(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapters" / "global" / "adapter_model.safetensors")
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
+    config = write_experiment(tmp_path, "fedmoa", rounds=2)
+    reference = tmp_path / "reference"
+    run_embedded(config, reference)
+
+    crashed = tmp_path / "crashed"
+    cli = [sys.executable, "-m", "fedmoa.cli", "run", str(config), "--output", str(crashed)]
+    process = subprocess.Popen(
+        cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (crashed / "checkpoints" / "round-0001.pt").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (crashed / "summary.json").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedmoa.cli", "run", "--resume", str(crashed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, got = adapter_file(reference), adapter_file(crashed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    trained = load_file(reference / "adapters" / "task-math" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in trained.items() if "lora_B" in k), (
+        "training moved lora_B"
+    )
+    rounds = [r["round"] for r in RunDirectory(crashed).read_metrics() if r["type"] == "round"]
+    assert rounds == [1, 2]
