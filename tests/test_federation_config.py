@@ -27,7 +27,7 @@ eta = 0.5
 [client_defaults]
 local_steps = 2
 grpo = { batch_size = 2, group_size = 4, max_new_tokens = 16 }
-data = { source = "reasoning_gym", name = "basic_arithmetic", size = 32 }
+data = { source = "reasoning_gym", name = "basic_arithmetic", size = 32, params = { operators = ["+"] } }
 
 [[clients]]
 id = "math-format"
@@ -50,7 +50,7 @@ rewards = [
 [[clients]]
 id = "chain"
 task = "chain"
-data = { name = "chain_sum", seed = 1 }
+data = { name = "chain_sum", seed = 1, params = { min_terms = 2 } }
 rewards = [{ name = "acc", function = "math_accuracy", role = "primary" }]
 """
 
@@ -70,6 +70,9 @@ def test_heterogeneous_clients_with_merged_defaults(tmp_path):
     assert cfg.clients[0].grpo.max_new_tokens == 16 and cfg.clients[1].grpo.max_new_tokens == 8
     assert cfg.clients[1].grpo.batch_size == 2 and cfg.clients[2].local_steps == 2
     assert cfg.clients[2].data.name == "chain_sum" and cfg.clients[2].data.size == 32
+    # A dataset's own kwargs replace the default's instead of merging with them.
+    assert cfg.clients[2].data.params == {"min_terms": 2}
+    assert cfg.clients[0].data.params == {"operators": ["+"]}
     assert cfg.server.t_acc == 0.2 and cfg.hypergradient.eta == 0.5
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +25,12 @@ console = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """Federated GRPO for reasoning LLMs under heterogeneous rewards."""
+    # Library chatter (weight-loading bars, deprecation notices) would bury our own output.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def fail(err: FedMOAError) -> None:
@@ -114,10 +122,33 @@ def run(
         if done:
             console.print(f"resuming after round {done} of {cfg.server.rounds}")
 
-        def on_round(server_round: int, records: list[dict]) -> None:
-            print_round(server_round, records, cfg)
+        per_round = cfg.server.clients_per_round or len(cfg.clients)
+        with Progress(
+            TextColumn("[bold]round {task.fields[round]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("client-rounds  last: {task.fields[last]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            bar = progress.add_task(
+                "federation",
+                total=cfg.server.rounds * per_round,
+                completed=done * per_round,
+                round=done + 1,
+                last="-",
+            )
 
-        summary = federation.run_rounds(on_round)
+            def on_client(record: dict) -> None:
+                last = record["client"] + (
+                    " failed" if "failed" in record else f" {record['seconds']:.0f}s"
+                )
+                progress.update(bar, advance=1, last=last, round=record["round"])
+
+            def on_round(server_round: int, records: list[dict]) -> None:
+                print_round(server_round, records, cfg, progress.console)
+
+            summary = federation.run_rounds(on_round, on_client)
     except FedMOAError as err:
         fail(err)
     final = summary["final_eval"] or {}
@@ -127,7 +158,7 @@ def run(
     )
 
 
-def print_round(server_round: int, records: list[dict], cfg) -> None:
+def print_round(server_round: int, records: list[dict], cfg, out: Console) -> None:
     """Per-round table: accuracy, per-objective rewards and weights of each client."""
     table = Table(title=f"round {server_round}/{cfg.server.rounds}", title_justify="left")
     for column in ["client", "task", "val acc", "test acc", "rewards (weight)", "KiB up"]:
@@ -154,9 +185,9 @@ def print_round(server_round: int, records: list[dict], cfg) -> None:
             objectives,
             f"{r['bytes_up'] / 1024:.0f}",
         )
-    Console().print(table)
+    out.print(table)
     if evals:
-        Console().print(
+        out.print(
             f"  global test accuracy {_fmt(evals.get('global/accuracy'))}, "
             f"personalized {_fmt(evals.get('personal/accuracy'))}"
         )

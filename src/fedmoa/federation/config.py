@@ -134,11 +134,20 @@ class ExperimentConfig:
         return self
 
 
+# Free-form tables (a dataset's own kwargs, a column mapping) replace the default whole:
+# merging two datasets' kwargs would mix options that belong to different generators.
+OPAQUE_TABLES = frozenset({"params", "columns"})
+
+
 def merge_defaults(defaults: dict[str, Any], client: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``defaults`` under ``client``; the client's own values win, lists replace."""
     merged = dict(defaults)
     for key, value in client.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if (
+            key not in OPAQUE_TABLES
+            and isinstance(value, dict)
+            and isinstance(merged.get(key), dict)
+        ):
             merged[key] = merge_defaults(merged[key], value)
         else:
             merged[key] = value

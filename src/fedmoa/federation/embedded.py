@@ -36,6 +36,7 @@ from fedmoa.train_local import lora_settings, seed_everything
 
 logger = logging.getLogger(__name__)
 RoundCallback = Callable[[int, list[dict[str, Any]]], None]
+ClientCallback = Callable[[dict[str, Any]], None]
 
 
 def build_policy(cfg: ExperimentConfig) -> tuple[Any, Any, Adapter]:
@@ -77,15 +78,19 @@ class EmbeddedFederation:
         self.run.drop_records_after(state["completed_round"])
         return state["completed_round"]
 
-    def run_rounds(self, on_round: RoundCallback | None = None) -> dict[str, Any]:
+    def run_rounds(
+        self, on_round: RoundCallback | None = None, on_client: ClientCallback | None = None
+    ) -> dict[str, Any]:
         start = self.server.state.completed_rounds
         for server_round in range(start + 1, self.cfg.server.rounds + 1):
-            records = self.run_round(server_round)
+            records = self.run_round(server_round, on_client)
             if on_round is not None:
                 on_round(server_round, records)
         return self.finish()
 
-    def run_round(self, server_round: int) -> list[dict[str, Any]]:
+    def run_round(
+        self, server_round: int, on_client: ClientCallback | None = None
+    ) -> list[dict[str, Any]]:
         cfg = self.cfg
         plan = self.server.configure_round(server_round)
         updates, records = [], []
@@ -125,6 +130,8 @@ class EmbeddedFederation:
                         "failed": f"{type(err).__name__}: {err}",
                     }
                 )
+                if on_client is not None:
+                    on_client(records[-1])
                 continue
             self.client_states[client_id] = result.state
             updates.append(result.update)
@@ -143,6 +150,8 @@ class EmbeddedFederation:
                     **weighting_state,
                 }
             )
+            if on_client is not None:
+                on_client(records[-1])
         aggregated = self.server.aggregate_round(plan, updates)
         records.append(
             {

@@ -13,6 +13,11 @@ The logits then ascend ``Σ_i w_i u_i``:
 A saturated objective has ``Â_i = 0``, hence ``g_i = 0`` and ``u_i = 0``, so its
 weight flows to the objectives that still help the primary one.
 
+Cost: the m probe gradients reuse the step's forward graph, and backward stops at
+the probe (by default the LoRA ``B`` matrices of the last two layers). Without
+hooks that is one partial backward per objective; with ``hook_model`` (what
+``for_model`` does by default) one partial backward serves all m objectives.
+
 See docs "Client: one round of local GRPO", items 4 and 6.
 """
 
@@ -108,6 +113,12 @@ def _row_cosines(vector: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (unit(rows) @ unit(vector)).clamp(-1.0, 1.0)
 
 
+def _remove_handles(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 class HypergradientWeighting(RewardWeighting):
     """FedMOA's adaptive weights: ascend the primary objective's alignment with each objective.
 
@@ -158,7 +169,12 @@ class HypergradientWeighting(RewardWeighting):
         self.z = self.z0.clone()
         self.probe_params: list[torch.Tensor] = []
         self.probe_size = 0
-        self.remove_hooks()  # initialises the (empty) per-sample hook state
+        # Per-sample fast path (see hook_model): hook handles, probe indices whose module
+        # ran in grad mode since the last observe(), and the capture in progress.
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # A weighting built per round and dropped must not leave hooks on the model.
+        weakref.finalize(self, _remove_handles, self._hooks)
+        self._seen: set[int] = set()
         self._capture: torch.Tensor | None = None
         self._capture_failed = False
         self._parts: dict[int, torch.Tensor] = {}
@@ -233,19 +249,18 @@ class HypergradientWeighting(RewardWeighting):
         packed, padding-free batch). Not for reentrant activation checkpointing.
         """
         self.remove_hooks()
-        owners: dict[int, torch.nn.Linear] = {}
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                owners.setdefault(id(module.weight), module)
+        owners: dict[int, list[torch.nn.Module]] = {}
+        for owner in model.modules():
+            if isinstance(owner, torch.nn.Linear):
+                owners.setdefault(id(owner.weight), []).append(owner)  # tied: several
         missing = [i for i, p in enumerate(self.probe_params) if id(p) not in owners]
         if missing:
             raise ValueError(
                 f"probe parameters {missing} are not weights of nn.Linear modules of "
                 f"{type(model).__name__}; use the per-objective backward (no hooks)"
             )
-        me = weakref.ref(self)
+        me = weakref.ref(self)  # the model's hooks must not keep a dropped weighting alive
         for index, param in enumerate(self.probe_params):
-            module = owners[id(param)]
 
             def hook(
                 module: torch.nn.Module,
@@ -257,14 +272,13 @@ class HypergradientWeighting(RewardWeighting):
                 if weighting is not None:
                     weighting._on_forward(index, inputs[0], output)
 
-            self._hooks.append(module.register_forward_hook(hook))
+            for owner in owners[id(param)]:
+                self._hooks.append(owner.register_forward_hook(hook))
 
     def remove_hooks(self) -> None:
         """Remove the per-sample hooks; ``observe`` then takes one backward per objective."""
-        for handle in getattr(self, "_hooks", []):
-            handle.remove()
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._seen: set[int] = set()
+        _remove_handles(self._hooks)  # the same list object: the finalizer holds it
+        self._seen = set()
 
     def _on_forward(self, index: int, x: torch.Tensor, output: torch.Tensor) -> None:
         """Forward hook: remember that probe module ``index`` ran in grad mode, and catch
