@@ -8,6 +8,7 @@ exactly by its advantage column.
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import math
@@ -407,18 +408,21 @@ def test_per_sample_path_equals_one_backward_per_objective(probe, loss_type, bet
 
 
 class SharedLayerNet(torch.nn.Module):
-    """Per-token log-probs from a layer applied twice; ``packed`` flattens the batch into one
-    row (as padding-free packing does), so rows are no longer sequences."""
+    """Per-token log-probs from a layer applied twice and a second layer tied to it;
+    ``packed`` flattens the batch into one row (as padding-free packing does), so rows
+    are no longer sequences."""
 
     def __init__(self, packed: bool) -> None:
         super().__init__()
         self.packed = packed
         self.inner = torch.nn.Linear(4, 4)
+        self.twin = torch.nn.Linear(4, 4)
+        self.twin.weight = self.inner.weight
         self.head = torch.nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         h = x.reshape(1, -1, 4) if self.packed else x
-        h = torch.tanh(self.inner(torch.tanh(self.inner(h))))
+        h = torch.tanh(self.twin(torch.tanh(self.inner(torch.tanh(self.inner(h))))))
         logits = self.head(h).reshape(*x.shape[:2], 3)
         return torch.log_softmax(logits, -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
@@ -459,6 +463,24 @@ def test_per_sample_path_falls_back_when_the_forward_was_not_hooked():
     hooked.remove_hooks()
     hooked.observe(tiny_batch_signals(policy, "grpo", 0.0))
     assert hooked.last_path == "per_objective"
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def test_hooks_are_removed_with_the_weighting():
+    """The engine builds a weighting per round; dropped ones must not leave hooks behind."""
+    policy, _ = tiny_peft()
+    before = hook_count(policy)
+    for _ in range(3):
+        weighting = HypergradientWeighting.for_model(policy, ["p", "a"], "p", [1, 1])
+        assert hook_count(policy) == before + 8  # q/k/v/o lora_B of both layers
+        weighting.hook_model(policy)  # re-hooking replaces, never stacks
+        assert hook_count(policy) == before + 8
+    del weighting
+    gc.collect()
+    assert hook_count(policy) == before
 
 
 def closeness_to_seven(prompts, completions, **kwargs):

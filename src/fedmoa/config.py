@@ -59,7 +59,7 @@ class HypergradientConfig:
 
     eta: float = Field(1.0, gt=0, allow_inf_nan=False)  # η_hg
     w_min: float = Field(0.02, ge=0, lt=1)  # floor of every weight
-    anchor: float = Field(0.0, ge=0)  # λ_anchor, pull toward the initial logits
+    anchor: float = Field(0.0, ge=0, le=1)  # λ_anchor, pull toward the initial logits
     probe: Literal["last2", "all"] = "last2"  # LoRA B of the last 2 layers, or every LoRA tensor
     carry_across_rounds: bool = True
 

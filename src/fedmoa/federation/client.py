@@ -26,7 +26,7 @@ from fedmoa.grpo.trainer import LocalTrainer
 from fedmoa.rewards import RewardFunc
 from fedmoa.train_local import build_reward_funcs
 from fedmoa.weighting import RewardWeighting, StaticWeighting
-from fedmoa.weighting.hypergradient import HypergradientWeighting, select_probe_params
+from fedmoa.weighting.hypergradient import HypergradientWeighting
 
 Row = dict[str, Any]
 
@@ -82,12 +82,12 @@ def make_weighting(
     initial = [r.weight for r in client.rewards]
     if method not in HYPERGRADIENT_METHODS:
         return StaticWeighting(names, client.primary_reward, initial)
-    probe = [p for _, p in select_probe_params(policy, hypergradient.probe)]
-    return HypergradientWeighting(
+    return HypergradientWeighting.for_model(
+        policy,
         names,
         client.primary_reward,
         initial,
-        probe,
+        probe=hypergradient.probe,
         eta=hypergradient.eta,
         w_min=hypergradient.w_min,
         anchor=hypergradient.anchor,
@@ -151,7 +151,11 @@ def run_client_round(
         weighting.load_state_dict(state["weighting"])
         trainer.sampler.load_state_dict(state["sampler"])
     weighting.begin_round()
-    history = trainer.train(client.local_steps)
+    try:
+        history = trainer.train(client.local_steps)
+    finally:
+        if isinstance(weighting, HypergradientWeighting):
+            weighting.remove_hooks()  # the model is shared with the next client
 
     validation = data.validation[: server.validation_prompts]
     primary = client.primary_reward

@@ -11,11 +11,11 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmoa.aggregation import Adapter
+from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.errors import FedMOAError
 from fedmoa.eval import evaluate_rows
 from fedmoa.federation.checkpoint import latest_checkpoint, save_checkpoint
@@ -29,7 +29,7 @@ from fedmoa.federation.client import (
     run_client_round,
 )
 from fedmoa.federation.config import ExperimentConfig
-from fedmoa.federation.server import FederatedServer
+from fedmoa.federation.server import FederatedServer, RoundPlan
 from fedmoa.models import attach_lora, load_model_and_tokenizer
 from fedmoa.runs import RunDirectory, write_json_atomic
 from fedmoa.train_local import lora_settings, seed_everything
@@ -123,35 +123,37 @@ class EmbeddedFederation:
                     err,
                 )
                 records.append(
-                    {
-                        "type": "client",
-                        "round": server_round,
-                        "client": client_id,
-                        "failed": f"{type(err).__name__}: {err}",
-                    }
+                    failed_client_record(server_round, client_id, f"{type(err).__name__}: {err}")
                 )
                 if on_client is not None:
                     on_client(records[-1])
                 continue
             self.client_states[client_id] = result.state
             updates.append(result.update)
-            weighting_state = objective_metrics(result.history, [r.name for r in client.rewards])
             records.append(
-                {
-                    "type": "client",
-                    "round": server_round,
-                    "client": client_id,
-                    "task": client.task,
-                    "accuracy": result.update.accuracy,
-                    "bytes_down": result.bytes_down,
-                    "bytes_up": result.bytes_up,
-                    "seconds": time.perf_counter() - began,
-                    **result.update.metrics,
-                    **weighting_state,
-                }
+                client_record(
+                    server_round,
+                    result.update,
+                    objective_metrics(result.history, [r.name for r in client.rewards]),
+                    bytes_down=result.bytes_down,
+                    bytes_up=result.bytes_up,
+                    seconds=time.perf_counter() - began,
+                )
             )
             if on_client is not None:
                 on_client(records[-1])
+        return self.complete_round(plan, updates, records)
+
+    def complete_round(
+        self, plan: RoundPlan, updates: list[ClientUpdate], records: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Aggregate the round's replies, evaluate, log every record and checkpoint.
+
+        The server half of a round, shared with the Flower ServerApp: only how the
+        client replies arrive differs between engines.
+        """
+        cfg, server_round = self.cfg, plan.server_round
+        records = list(records)
         aggregated = self.server.aggregate_round(plan, updates)
         records.append(
             {
@@ -234,6 +236,35 @@ class EmbeddedFederation:
         }
         write_json_atomic(self.run.path / "summary.json", summary)
         return summary
+
+
+def client_record(
+    server_round: int,
+    update: ClientUpdate,
+    objectives: Mapping[str, float],
+    *,
+    bytes_down: int,
+    bytes_up: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The ``metrics.jsonl`` record of one client's reply; the same on every engine."""
+    return {
+        "type": "client",
+        "round": server_round,
+        "client": update.client_id,
+        "task": update.task,
+        "accuracy": update.accuracy,
+        "bytes_down": bytes_down,
+        "bytes_up": bytes_up,
+        "seconds": seconds,
+        **update.metrics,
+        **objectives,
+    }
+
+
+def failed_client_record(server_round: int, client_id: str, reason: str) -> dict[str, Any]:
+    """The record of a client whose round failed: it is left out of aggregation."""
+    return {"type": "client", "round": server_round, "client": client_id, "failed": reason}
 
 
 def _mean(values: list[float]) -> float:

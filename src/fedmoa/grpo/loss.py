@@ -65,7 +65,7 @@ def policy_loss(
     when ``num_iterations == 1``); ``ref_logps`` are needed only when ``beta > 0``.
     Returns the scalar loss and TRL-named statistics (``kl``, ``clip_ratio/*``).
     """
-    adv = advantages.to(logps.dtype).unsqueeze(1)
+    adv = advantages.to(logps.device, logps.dtype).unsqueeze(1)
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - settings.epsilon_low, 1 + settings.epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
