@@ -159,32 +159,42 @@ def run(
 
 
 def print_round(server_round: int, records: list[dict], cfg, out: Console) -> None:
-    """Per-round table: accuracy, per-objective rewards and weights of each client."""
+    """Per-round table: each client's accuracy, and per objective its reward and weight."""
     table = Table(title=f"round {server_round}/{cfg.server.rounds}", title_justify="left")
-    for column in ["client", "task", "val acc", "test acc", "rewards (weight)", "KiB up"]:
+    for column in (
+        "client",
+        "task",
+        "val acc",
+        "test acc",
+        "objective",
+        "reward",
+        "weight",
+        "KiB up",
+    ):
         table.add_column(
-            column, justify="left" if column in ("client", "task", "rewards (weight)") else "right"
+            column, justify="left" if column in ("client", "task", "objective") else "right"
         )
     evals = next((r for r in records if r["type"] == "eval"), {})
     for r in records:
         if r["type"] != "client":
             continue
         if "failed" in r:
-            table.add_row(r["client"], "-", "failed", "-", r["failed"][:60], "-")
+            table.add_row(r["client"], "-", "failed", "-", r["failed"][:40], "-", "-", "-")
             continue
         names = [k.removeprefix("weights/") for k in r if k.startswith("weights/")]
-        objectives = "  ".join(
-            f"{n} {_fmt(r.get(f'rewards/{n}/mean'), 2)} ({_fmt(r.get(f'weights/{n}'), 2)})"
-            for n in names
-        )
-        table.add_row(
-            r["client"],
-            r["task"],
-            _fmt(r["accuracy"], 2),
-            _fmt(evals.get(f"personal/{r['client']}/accuracy"), 2),
-            objectives,
-            f"{r['bytes_up'] / 1024:.0f}",
-        )
+        for i, name in enumerate(names):
+            first = i == 0
+            table.add_row(
+                r["client"] if first else "",
+                r["task"] if first else "",
+                _fmt(r["accuracy"], 2) if first else "",
+                _fmt(evals.get(f"personal/{r['client']}/accuracy"), 2) if first else "",
+                name,
+                _fmt(r.get(f"rewards/{name}/mean"), 2),
+                _fmt(r.get(f"weights/{name}"), 2),
+                f"{r['bytes_up'] / 1024:.0f}" if first else "",
+                end_section=i == len(names) - 1,
+            )
     out.print(table)
     if evals:
         out.print(
