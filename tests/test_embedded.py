@@ -103,7 +103,7 @@ def test_heterogeneous_rewards_in_one_federation(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method", ["fedavg", "fedprox", "fedadam", "fedmoa-hg", "fedmoa-taa", "local"]
+    "method", ["fedavg", "fedprox", "fedadam", "fedmoa-hg", "fedmoa-taa", "local", "centralized"]
 )
 def test_every_method_runs_a_round(tmp_path, method):
     federation, initial = run_embedded(
@@ -115,6 +115,11 @@ def test_every_method_runs_a_round(tmp_path, method):
     if method == "local":
         assert not changed, "local training never touches the global adapter"
         assert set(state.client_adapters) == {"math-a", "math-b", "chain"}
+    elif method == "centralized":
+        assert changed
+        clients = [r for r in federation.run.read_metrics() if r["type"] == "client"]
+        assert [r["client"] for r in clients] == ["centralized"]
+        assert {"weights/math-a/brevity", "weights/chain/digits"} <= set(clients[0])
     else:
         assert changed
         assert set(state.task_adapters) == {"math", "chain"}

@@ -112,8 +112,10 @@ def run(
         if config is None:
             raise FedMOAError("give an experiment file, or --resume RUN_DIR")
         cfg = load_experiment(config)
+        if engine == "flower":
+            return run_flower(config, output or Path(cfg.output_dir), cfg, resume)
         if engine != "embedded":
-            raise FedMOAError(f"--engine {engine!r} is not available yet; use 'embedded'")
+            raise FedMOAError(f"unknown --engine {engine!r}: use 'embedded' or 'flower'")
         run_dir = RunDirectory(output or Path(cfg.output_dir))
         if resume is None:
             run_dir.save_config(config, dataclasses.asdict(cfg))
@@ -151,10 +153,32 @@ def run(
             summary = federation.run_rounds(on_round, on_client)
     except FedMOAError as err:
         fail(err)
+    print_final(cfg, summary, run_dir.path)
+
+
+def run_flower(config: Path, output: Path, cfg, resume: Path | None) -> None:
+    """``--engine flower``: the same experiment on Flower's Ray simulation, one SuperNode per
+    client; the ServerApp writes the run directory (config included) as the embedded run does."""
+    from fedmoa.federation.flower_app import run_simulation
+
+    if resume is not None:
+        raise FedMOAError(
+            "--resume needs the embedded engine: Flower clients keep their state in their "
+            "SuperNodes' memory, which ends with the simulation"
+        )
+
+    def on_round(server_round: int, records: list[dict]) -> None:
+        print_round(server_round, records, cfg, console)
+
+    summary = run_simulation(config, output, on_round=on_round)
+    print_final(cfg, summary, output)
+
+
+def print_final(cfg, summary: dict, run_path: Path) -> None:
     final = summary["final_eval"] or {}
     console.print(
         f"[bold]{cfg.server.method}[/]: global accuracy {_fmt(final.get('global/accuracy'))}, "
-        f"personalized {_fmt(final.get('personal/accuracy'))}; run directory: [bold]{run_dir.path}[/]"
+        f"personalized {_fmt(final.get('personal/accuracy'))}; run directory: [bold]{run_path}[/]"
     )
 
 

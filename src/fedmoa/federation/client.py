@@ -81,7 +81,10 @@ def make_weighting(
     names = [r.name for r in client.rewards]
     initial = [r.weight for r in client.rewards]
     if method not in HYPERGRADIENT_METHODS:
-        return StaticWeighting(names, client.primary_reward, initial)
+        # The centralized learner's weights are already normalised per source client.
+        return StaticWeighting(
+            names, client.primary_reward, initial, normalize=method != "centralized"
+        )
     return HypergradientWeighting.for_model(
         policy,
         names,

@@ -18,6 +18,7 @@ from typing import Any
 from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.errors import FedMOAError
 from fedmoa.eval import evaluate_rows
+from fedmoa.federation.centralized import CENTRAL_ID, pooled_client
 from fedmoa.federation.checkpoint import latest_checkpoint, save_checkpoint
 from fedmoa.federation.client import (
     ClientData,
@@ -59,7 +60,13 @@ class EmbeddedFederation:
         self.data: dict[str, ClientData] = {c.id: load_client_data(c) for c in cfg.clients}
         self.clients = {c.id: c for c in cfg.clients}
         self.policy, self.tokenizer, initial = build_policy(cfg)
-        self.server = FederatedServer(cfg, initial)
+        learners = None
+        if cfg.server.method == "centralized":
+            pooled, union, funcs = pooled_client(cfg, self.data, self.reward_funcs)
+            self.clients[CENTRAL_ID], self.data[CENTRAL_ID] = pooled, union
+            self.reward_funcs[CENTRAL_ID] = funcs
+            learners = {CENTRAL_ID: pooled.task}
+        self.server = FederatedServer(cfg, initial, learners)
         self.client_states: dict[str, dict[str, Any]] = {}
 
     @property

@@ -52,14 +52,16 @@ class ServerState:
 class FederatedServer:
     """Method dispatch over the aggregation functions, with the state a checkpoint needs."""
 
-    def __init__(self, cfg: ExperimentConfig, initial_adapter: Adapter) -> None:
-        if cfg.server.method == "centralized":
-            raise NotImplementedError(
-                "the centralized baseline runs as one learner, not as a server"
-            )
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        initial_adapter: Adapter,
+        client_tasks: dict[str, str] | None = None,
+    ) -> None:
+        """``client_tasks`` overrides who trains (the centralized baseline's single learner)."""
         self.cfg = cfg
         self.method = cfg.server.method
-        self.client_tasks = {c.id: c.task for c in cfg.clients}
+        self.client_tasks = client_tasks or {c.id: c.task for c in cfg.clients}
         self.state = ServerState(0, dict(initial_adapter))
         self.optimizer = (
             make_server_optimizer(self.method, **cfg.server.server_optimizer)
@@ -70,7 +72,7 @@ class FederatedServer:
     # -- configure -----------------------------------------------------------------
     def sample_clients(self, server_round: int) -> list[str]:
         ids = sorted(self.client_tasks)
-        per_round = self.cfg.server.clients_per_round or len(ids)
+        per_round = min(self.cfg.server.clients_per_round or len(ids), len(ids))
         if per_round >= len(ids):
             return ids
         return sorted(

@@ -92,7 +92,7 @@ class PhaseTimer:
 
 def repeat_columns(rows: Sequence[Row], group_size: int) -> dict[str, list[Any]]:
     """Dataset columns (all but ``prompt``) repeated once per completion, as TRL passes them."""
-    keys = [k for k in rows[0] if k != "prompt"]
+    keys = dict.fromkeys(k for row in rows for k in row if k != "prompt")  # rows may differ
     return {k: [row.get(k) for row in rows for _ in range(group_size)] for k in keys}
 
 

@@ -13,12 +13,16 @@ class StaticWeighting(RewardWeighting):
     """``w = w0 / Σ w0`` for the whole run.
 
     Weights are normalised so that static and adaptive runs move the policy by
-    comparable step sizes for the same learning rate.
+    comparable step sizes for the same learning rate. ``normalize=False`` keeps
+    them as given (the centralized baseline normalises per source client instead).
     """
 
-    def __init__(self, names: Sequence[str], primary: str, initial: Sequence[float]) -> None:
+    def __init__(
+        self, names: Sequence[str], primary: str, initial: Sequence[float], normalize: bool = True
+    ) -> None:
         super().__init__(names, primary)
-        self._weights = normalize_weights(initial)
+        weights = normalize_weights(initial)
+        self._weights = weights if normalize else weights * float(sum(initial))
 
     def weights(self) -> torch.Tensor:
         return self._weights.clone()

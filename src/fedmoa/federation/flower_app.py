@@ -1,0 +1,654 @@
+"""The Flower engine: a ServerApp and a ClientApp that are thin adapters over the shared code.
+
+Nothing here decides anything about FedMOA. The ServerApp drives the embedded
+engine's server half (``FederatedServer``, evaluation, ``metrics.jsonl`` records,
+checkpoints, final adapters) through :class:`FedMOAStrategy`; the ClientApp calls
+:func:`~fedmoa.federation.client.run_client_round`. This module only moves
+adapters, replies and client state in and out of Flower's records:
+
+* server → client (``train``): the start adapter (LoRA tensors only) as an
+  ``ArrayRecord`` and a ``ConfigRecord`` with the round and the client's index;
+* client → server: ``Δθ`` as an ``ArrayRecord``, a ``MetricRecord`` whose keys are
+  the same on every client (:data:`METRIC_KEYS`) and a ``ConfigRecord`` with the
+  task and the per-objective details, whose keys differ between clients;
+* the client's weighting and prompt-sampler state stays in ``context.state``.
+
+Client ``i`` of the experiment file runs on the SuperNode whose ``node_config``
+has ``partition-id = i``: the ServerApp asks every node for it once (a ``query``
+message), so the mapping does not depend on node ids or on the order in which
+nodes connected. The experiment file and the run directory reach both apps
+through the run config (:data:`EXPERIMENT_KEY`, :data:`RUN_DIR_KEY`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+    UserConfigValue,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedmoa.aggregation import Adapter, ClientUpdate
+from fedmoa.errors import FedMOAError
+from fedmoa.federation.client import (
+    ClientData,
+    client_reward_funcs,
+    load_client_data,
+    objective_metrics,
+    run_client_round,
+)
+from fedmoa.federation.config import ExperimentConfig, load_experiment
+from fedmoa.federation.embedded import (
+    EmbeddedFederation,
+    build_policy,
+    client_record,
+    failed_client_record,
+)
+from fedmoa.federation.server import RoundPlan
+from fedmoa.rewards import RewardFunc
+from fedmoa.runs import RunDirectory
+
+logger = logging.getLogger(__name__)
+
+# Run config keys (``[tool.flwr.app.config]`` in examples/flower_app/pyproject.toml).
+EXPERIMENT_KEY = "experiment"  # absolute path of the experiment TOML
+RUN_DIR_KEY = "run-dir"  # absolute path of the run directory; "" = the experiment's output_dir
+REPLY_TIMEOUT_KEY = "reply-timeout"  # seconds the server waits for a round's replies
+NODE_TIMEOUT_KEY = "node-timeout"  # seconds the server waits for enough SuperNodes
+
+# Record names in messages.
+ADAPTER = "adapter"  # ArrayRecord: start adapter (down) or Δθ (up)
+ROUND_CONFIG = "config"  # ConfigRecord: server-round, client-index, client-id
+METRICS = "metrics"  # MetricRecord: METRIC_KEYS
+DETAILS = "details"  # ConfigRecord: client-id, task, seconds, per-objective metrics
+IDENTITY = "identity"  # ConfigRecord: partition-id (reply to the discovery query)
+PARTITION_ID = "partition-id"
+
+METRIC_KEYS = (
+    "num-examples",
+    "accuracy",
+    "reward",
+    "reward/primary",
+    "reward/aux_mean",
+    "weight/primary",
+    "loss",
+    "step_time",
+    "bytes_down",
+    "bytes_up",
+)
+"""The MetricRecord keys of every reply, whatever the client's objectives are called."""
+
+FLOWER_ENV = {
+    # Without it Flower builds a fresh environment per run with uv (and downloads CUDA torch).
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+RoundCallback = Callable[[int, list[dict[str, Any]]], None]
+
+
+# -- adapters and client state as records ---------------------------------------------
+
+
+def _to_array(tensor: torch.Tensor) -> Array:
+    """numpy has no bfloat16: widen it to float32, which is exact (and undone on the way in)."""
+    tensor = tensor.detach().cpu()
+    return Array(tensor.float() if tensor.dtype == torch.bfloat16 else tensor)
+
+
+def adapter_to_record(adapter: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """LoRA tensors by PEFT state-dict name, as an ArrayRecord (nothing else travels)."""
+    return ArrayRecord({name: _to_array(t) for name, t in adapter.items()})
+
+
+def record_to_adapter(record: ArrayRecord, like: Adapter | None = None) -> Adapter:
+    """The inverse of :func:`adapter_to_record`; tensors that ``like`` holds in bfloat16
+    come back in bfloat16. Wrong keys, shapes or dtypes are left for ``sanitize`` to reject."""
+    adapter = {}
+    for name, array in record.items():
+        tensor = torch.from_numpy(array.numpy())
+        if like is not None and name in like and like[name].dtype == torch.bfloat16:
+            tensor = tensor.to(torch.bfloat16)
+        adapter[name] = tensor
+    return adapter
+
+
+def state_to_records(
+    state: Mapping[str, Any], prefix: str
+) -> dict[str, ArrayRecord | ConfigRecord]:
+    """Flatten a client state (nested dicts) into records for ``context.state``.
+
+    Tensors go to ``{prefix}.arrays``, numbers, strings and booleans to
+    ``{prefix}.scalars`` as they are; every other leaf (lists, tuples, ``None``,
+    empty dicts: e.g. a ``random.Random`` state) to ``{prefix}.json`` as JSON,
+    which round-trips Python ints and floats exactly. Tuples come back as lists.
+    """
+    arrays: dict[str, Array] = {}
+    scalars: dict[str, Any] = {}
+    encoded: dict[str, Any] = {}
+    for path, value in _flatten(state):
+        if isinstance(value, torch.Tensor):
+            arrays[path] = _to_array(value)
+        elif isinstance(value, bool | int | float | str):
+            scalars[path] = value
+        else:
+            encoded[path] = json.dumps(value)
+    return {
+        f"{prefix}.arrays": ArrayRecord(arrays),
+        f"{prefix}.scalars": ConfigRecord(scalars),
+        f"{prefix}.json": ConfigRecord(encoded),
+    }
+
+
+def records_to_state(records: RecordDict, prefix: str) -> dict[str, Any] | None:
+    """The inverse of :func:`state_to_records`; ``None`` when ``records`` holds no state."""
+    if f"{prefix}.scalars" not in records:
+        return None
+    leaves: list[tuple[str, Any]] = []
+    leaves += [(k, torch.from_numpy(a.numpy())) for k, a in records[f"{prefix}.arrays"].items()]
+    leaves += list(records[f"{prefix}.scalars"].items())
+    leaves += [(k, json.loads(v)) for k, v in records[f"{prefix}.json"].items()]
+    state: dict[str, Any] = {}
+    for path, value in leaves:
+        *parents, leaf = path.split("/")
+        node = state
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return state
+
+
+def _flatten(tree: Mapping[str, Any], parent: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if "/" in key:
+            raise ValueError(f"client state key {key!r} contains '/', the path separator")
+        path = f"{parent}/{key}" if parent else key
+        if isinstance(value, Mapping) and value:
+            yield from _flatten(value, path)
+        else:
+            yield path, dict(value) if isinstance(value, Mapping) else value
+
+
+# -- run config -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the apps read from Flower's run config."""
+
+    experiment: Path
+    run_dir: Path
+    reply_timeout: float = 3600.0
+    node_timeout: float = 300.0
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, UserConfigValue]) -> RunSettings:
+        raw = str(run_config.get(EXPERIMENT_KEY, "") or "")
+        if not raw:
+            raise FedMOAError(
+                f"the run config has no {EXPERIMENT_KEY!r}: pass "
+                f"--run-config \"{EXPERIMENT_KEY}='/abs/path/experiment.toml'\""
+            )
+        experiment = Path(raw).expanduser()
+        if not experiment.is_absolute():
+            raise FedMOAError(
+                f"run config {EXPERIMENT_KEY!r} must be an absolute path (the apps do not run "
+                f"in your working directory), got {raw!r}"
+            )
+        run_dir = Path(str(run_config.get(RUN_DIR_KEY, "") or "")).expanduser()
+        if not str(run_config.get(RUN_DIR_KEY, "") or ""):
+            # No run dir given: the experiment's output_dir, relative to the experiment file.
+            run_dir = experiment.parent / load_experiment(experiment).output_dir
+        return cls(
+            experiment,
+            run_dir,
+            float(run_config.get(REPLY_TIMEOUT_KEY, cls.reply_timeout)),
+            float(run_config.get(NODE_TIMEOUT_KEY, cls.node_timeout)),
+        )
+
+
+# -- ServerApp ---------------------------------------------------------------------------
+
+
+class FedMOAStrategy(Strategy):
+    """Flower's strategy contract over the embedded engine's server half.
+
+    ``configure_train`` sends each client of ``FederatedServer.configure_round``
+    its start adapter; ``aggregate_train`` turns the replies into
+    ``ClientUpdate`` objects and hands them, with the client records, to
+    ``EmbeddedFederation.complete_round`` (aggregation, evaluation, records,
+    checkpoint). Evaluation runs on the server as in the embedded engine, so
+    there are no federated-evaluation messages.
+    """
+
+    def __init__(
+        self,
+        federation: EmbeddedFederation,
+        *,
+        node_timeout: float = 300.0,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        self.federation = federation
+        self.node_timeout = node_timeout
+        self.on_round = on_round
+        self.index = {c.id: i for i, c in enumerate(federation.cfg.clients)}
+        self.nodes: dict[str, int] = {}  # client id -> node id
+        self.plan: RoundPlan | None = None
+
+    def summary(self) -> None:
+        cfg = self.federation.cfg
+        logger.info(
+            "FedMOA strategy: method %s, %d clients, %d rounds, run directory %s",
+            cfg.server.method,
+            len(cfg.clients),
+            cfg.server.rounds,
+            self.federation.run.path,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per client the server samples, to the node of its partition."""
+        del arrays, config  # the FederatedServer's state is the source of truth
+        if not self.nodes:
+            self.nodes = self._discover_nodes(grid)
+        self.plan = self.federation.server.configure_round(server_round)
+        messages = []
+        for client_id, start in self.plan.starts.items():
+            content = RecordDict(
+                {
+                    ADAPTER: adapter_to_record(start),
+                    ROUND_CONFIG: ConfigRecord(
+                        {
+                            "server-round": server_round,
+                            "client-index": self.index[client_id],
+                            "client-id": client_id,
+                        }
+                    ),
+                }
+            )
+            messages.append(
+                Message(
+                    content=content,
+                    dst_node_id=self.nodes[client_id],
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Replies → ``ClientUpdate``s, in the plan's client order; failures are logged and skipped."""
+        plan = self.plan
+        if plan is None or plan.server_round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train")
+        client_of_node = {node: cid for cid, node in self.nodes.items()}
+        by_client = {client_of_node.get(r.metadata.src_node_id): r for r in replies}
+        reference = self.federation.server.state.global_adapter
+        updates: list[ClientUpdate] = []
+        records: list[dict[str, Any]] = []
+        for client_id in plan.starts:
+            reply = by_client.get(client_id)
+            try:
+                if reply is None:
+                    raise FedMOAError("no reply before the reply timeout")
+                if reply.has_error():
+                    raise FedMOAError(f"error reply: {reply.error.reason}")
+                update, record = _reply_to_update(server_round, client_id, reply, reference)
+            except Exception as err:  # one client failing fails the round for itself only
+                reason = (
+                    str(err) if isinstance(err, FedMOAError) else f"{type(err).__name__}: {err}"
+                )
+                logger.warning("round %d: client %r failed: %s", server_round, client_id, reason)
+                records.append(failed_client_record(server_round, client_id, reason))
+                continue
+            updates.append(update)
+            records.append(record)
+        records = self.federation.complete_round(plan, updates, records)
+        if self.on_round is not None:
+            self.on_round(server_round, records)
+        metrics = MetricRecord({"replies": len(updates)})
+        for record in records:
+            if record["type"] == "eval" and record.get("global/accuracy") is not None:
+                metrics["global/accuracy"] = float(record["global/accuracy"])
+        return adapter_to_record(self.federation.server.state.global_adapter), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates every client's test split itself."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    def _discover_nodes(self, grid: Grid) -> dict[str, int]:
+        """client id → node id, from the ``partition-id`` each node reports about itself."""
+        clients = self.federation.cfg.clients
+        deadline = time.monotonic() + self.node_timeout
+        while len(node_ids := sorted(grid.get_node_ids())) < len(clients):
+            if time.monotonic() > deadline:
+                raise FedMOAError(
+                    f"{len(node_ids)} SuperNode(s) connected after {self.node_timeout:.0f}s, "
+                    f"the experiment has {len(clients)} clients"
+                )
+            time.sleep(0.5)
+        queries = [
+            Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in node_ids
+        ]
+        partitions: dict[int, int] = {}
+        for reply in grid.send_and_receive(queries, timeout=self.node_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.warning("node %d did not say its partition-id: %s", node, reply.error.reason)
+                continue
+            partition = int(reply.content[IDENTITY][PARTITION_ID])
+            if partition in partitions:
+                raise FedMOAError(
+                    f"nodes {partitions[partition]} and {node} both have partition-id {partition}"
+                )
+            partitions[partition] = node
+        missing = [f"{i} ({c.id})" for i, c in enumerate(clients) if i not in partitions]
+        if missing:
+            raise FedMOAError(
+                f"no SuperNode with partition-id {', '.join(missing)}; start each with "
+                f"--node-config 'partition-id=I num-partitions={len(clients)}'"
+            )
+        extra = sorted(set(partitions) - set(range(len(clients))))
+        if extra:
+            logger.warning("ignoring nodes with partition-id %s: no such client", extra)
+        return {c.id: partitions[i] for i, c in enumerate(clients)}
+
+
+def _reply_to_update(
+    server_round: int, client_id: str, reply: Message, reference: Adapter
+) -> tuple[ClientUpdate, dict[str, Any]]:
+    """A train reply as the ``ClientUpdate`` the aggregators take and its ``metrics.jsonl`` record."""
+    content = reply.content
+    metrics: dict[str, Any] = dict(content[METRICS])
+    details: dict[str, Any] = dict(content[DETAILS])
+    if details.pop("client-id") != client_id:
+        raise FedMOAError(f"reply names another client, {reply.content[DETAILS]['client-id']!r}")
+    update = ClientUpdate(
+        client_id=client_id,
+        task=str(details.pop("task")),
+        num_examples=int(metrics.pop("num-examples")),
+        delta=record_to_adapter(content[ADAPTER], like=reference),
+        accuracy=float(metrics.pop("accuracy")),
+        metrics={k: v for k, v in metrics.items() if k not in ("bytes_down", "bytes_up")},
+    )
+    record = client_record(
+        server_round,
+        update,
+        {k: v for k, v in details.items() if k != "seconds"},
+        bytes_down=int(metrics["bytes_down"]),
+        bytes_up=int(metrics["bytes_up"]),
+        seconds=float(details["seconds"]),
+    )
+    return update, record
+
+
+def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -> dict[str, Any]:
+    """The ServerApp's body: run every round, then write the final adapters and summary."""
+    settings = RunSettings.from_run_config(context.run_config)
+    cfg = load_experiment(settings.experiment)
+    run = RunDirectory(settings.run_dir)
+    run.save_config(settings.experiment, dataclasses.asdict(cfg))
+    federation = EmbeddedFederation(cfg, run)
+    strategy = FedMOAStrategy(federation, node_timeout=settings.node_timeout, on_round=on_round)
+    strategy.start(
+        grid,
+        adapter_to_record(federation.server.state.global_adapter),
+        num_rounds=cfg.server.rounds,
+        timeout=settings.reply_timeout,
+    )
+    return federation.finish()
+
+
+# -- ClientApp ---------------------------------------------------------------------------
+
+
+@dataclass
+class ClientRuntime:
+    """What a client process builds once per experiment: the policy, and data and rewards
+    of the clients it has served (Flower calls the ClientApp once per message)."""
+
+    cfg: ExperimentConfig
+    policy: Any
+    tokenizer: Any
+    data: dict[str, ClientData] = field(default_factory=dict)
+    reward_funcs: dict[str, list[tuple[str, RewardFunc]]] = field(default_factory=dict)
+
+    def client_inputs(self, index: int) -> tuple[ClientData, list[tuple[str, RewardFunc]]]:
+        client = self.cfg.clients[index]
+        if client.id not in self.data:
+            self.data[client.id] = load_client_data(client)
+            self.reward_funcs[client.id] = client_reward_funcs(client, index)
+        return self.data[client.id], self.reward_funcs[client.id]
+
+
+_RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
+
+
+def client_runtime(experiment: Path) -> ClientRuntime:
+    """The cached runtime for ``experiment`` (keyed by path and content); the base model and
+    LoRA come from ``build_policy``, as on the embedded engine."""
+    key = (str(experiment), hashlib.sha256(experiment.read_bytes()).hexdigest())
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one experiment per process: free the previous model first
+        cfg = load_experiment(experiment)
+        policy, tokenizer, _ = build_policy(cfg)
+        _RUNTIMES[key] = ClientRuntime(cfg, policy, tokenizer)
+    return _RUNTIMES[key]
+
+
+def identify(message: Message, context: Context) -> Message:
+    """Reply to the server's discovery query with this node's partition-id."""
+    partition = int(context.node_config[PARTITION_ID])
+    return Message(
+        RecordDict({IDENTITY: ConfigRecord({PARTITION_ID: partition})}), reply_to=message
+    )
+
+
+def train(message: Message, context: Context) -> Message:
+    """One client round: the same ``run_client_round`` call as the embedded engine makes."""
+    began = time.perf_counter()
+    settings = RunSettings.from_run_config(context.run_config)
+    runtime = client_runtime(settings.experiment)
+    cfg = runtime.cfg
+    round_config = message.content[ROUND_CONFIG]
+    index, client_id = int(round_config["client-index"]), str(round_config["client-id"])
+    client = cfg.clients[index]
+    if client.id != client_id:
+        raise FedMOAError(
+            f"client {index} of {settings.experiment} is {client.id!r}, the server asked for "
+            f"{client_id!r}: do server and SuperNodes read the same experiment file?"
+        )
+    data, reward_funcs = runtime.client_inputs(index)
+    prefix = f"fedmoa/{client.id}"
+    result = run_client_round(
+        runtime.policy,
+        runtime.tokenizer,
+        client,
+        data,
+        reward_funcs,
+        record_to_adapter(message.content[ADAPTER]),
+        records_to_state(context.state, prefix),
+        method=cfg.server.method,
+        server=cfg.server,
+        hypergradient=cfg.hypergradient,
+        seed=cfg.seed,
+        server_round=int(round_config["server-round"]),
+    )
+    for name, record in state_to_records(result.state, prefix).items():
+        context.state[name] = record
+    update = result.update
+    metrics = MetricRecord(
+        {
+            "num-examples": update.num_examples,
+            "accuracy": update.accuracy,
+            **update.metrics,
+            "bytes_down": result.bytes_down,
+            "bytes_up": result.bytes_up,
+        }
+    )
+    details = ConfigRecord(
+        {
+            "client-id": client.id,
+            "task": client.task,
+            "seconds": time.perf_counter() - began,
+            **objective_metrics(result.history, [r.name for r in client.rewards]),
+        }
+    )
+    content = RecordDict(
+        {ADAPTER: adapter_to_record(update.delta), METRICS: metrics, DETAILS: details}
+    )
+    return Message(content, reply_to=message)
+
+
+# -- the apps ------------------------------------------------------------------------------
+
+
+def _with_run_config(
+    handler: Callable[..., Any], run_config: Mapping[str, UserConfigValue] | None
+) -> Callable[..., Any]:
+    """``handler`` with ``run_config`` merged into ``context.run_config`` first.
+
+    ``flwr.simulation.run_simulation`` has no run-config argument; this is how the
+    in-process simulation passes the same keys that ``flwr run --run-config`` would.
+    Flower forbids changing ``context.run_config``, so the handler gets a copy of the
+    context that shares its ``state`` (what the handler writes there persists).
+    """
+    if not run_config:
+        return handler
+    overrides = dict(run_config)
+
+    def wrapped(first: Any, context: Context, *args: Any) -> Any:
+        merged = Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config=context.node_config,
+            state=context.state,
+            run_config={**context.run_config, **overrides},
+            series_id=context.series_id,
+        )
+        return handler(first, merged, *args)
+
+    return wrapped
+
+
+def build_server_app(
+    run_config: Mapping[str, UserConfigValue] | None = None,
+    on_round: RoundCallback | None = None,
+    on_finish: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """A ServerApp running :func:`serve`, optionally with run-config overrides and callbacks."""
+
+    def main(grid: Grid, context: Context) -> None:
+        summary = serve(grid, context, on_round)
+        if on_finish is not None:
+            on_finish(summary)
+
+    app = ServerApp()
+    app.main()(_with_run_config(main, run_config))
+    return app
+
+
+def build_client_app(run_config: Mapping[str, UserConfigValue] | None = None) -> ClientApp:
+    """A ClientApp answering ``train`` (:func:`train`) and ``query`` (:func:`identify`)."""
+    app = ClientApp()
+    app.train()(_with_run_config(train, run_config))
+    app.query()(_with_run_config(identify, run_config))
+    return app
+
+
+server_app = build_server_app()
+"""The ServerApp for ``flwr run`` (``fedmoa.federation.flower_app:server_app``)."""
+client_app = build_client_app()
+"""The ClientApp for ``flwr run`` (``fedmoa.federation.flower_app:client_app``)."""
+
+
+# -- simulation ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def flower_environment(flwr_home: Path) -> Iterator[None]:
+    """Flower's offline settings and ``FLWR_HOME`` for the duration of a run, then restored."""
+    values = {**FLOWER_ENV, "FLWR_HOME": str(flwr_home)}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_simulation(
+    experiment: str | Path,
+    run_dir: str | Path,
+    *,
+    on_round: RoundCallback | None = None,
+    flwr_home: str | Path | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run ``experiment`` on Flower's Ray simulation, one virtual SuperNode per client.
+
+    Writes the same run directory as the embedded engine and returns its summary.
+    ``FLWR_HOME`` is a temporary folder unless ``flwr_home`` is given.
+    """
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    experiment, run_dir = Path(experiment).resolve(), Path(run_dir).resolve()
+    cfg = load_experiment(experiment)
+    run_config = {EXPERIMENT_KEY: str(experiment), RUN_DIR_KEY: str(run_dir)}
+    summaries: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        home = (
+            Path(flwr_home)
+            if flwr_home
+            else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        )
+        stack.enter_context(flower_environment(home))
+        flower_run_simulation(
+            server_app=build_server_app(run_config, on_round, summaries.append),
+            client_app=build_client_app(run_config),
+            num_supernodes=len(cfg.clients),
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            verbose_logging=verbose,
+        )
+    if not summaries:
+        raise FedMOAError("the Flower simulation ended before the ServerApp finished; see its log")
+    return summaries[0]
