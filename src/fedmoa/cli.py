@@ -219,7 +219,8 @@ def print_round(server_round: int, records: list[dict], cfg, out: Console) -> No
                 f"{r['bytes_up'] / 1024:.0f}" if first else "",
                 end_section=i == len(names) - 1,
             )
-    out.print(table)
+    # Off a terminal rich assumes 80 columns, which would truncate the objective names.
+    out.print(table, width=None if out.is_terminal else 120)
     if evals:
         out.print(
             f"  global test accuracy {_fmt(evals.get('global/accuracy'))}, "
