@@ -142,10 +142,11 @@ def state_to_records(
 ) -> dict[str, ArrayRecord | ConfigRecord]:
     """Flatten a client state (nested dicts) into records for ``context.state``.
 
-    Tensors go to ``{prefix}.arrays``, numbers, strings and booleans to
-    ``{prefix}.scalars`` as they are; every other leaf (lists, tuples, ``None``,
-    empty dicts: e.g. a ``random.Random`` state) to ``{prefix}.json`` as JSON,
-    which round-trips Python ints and floats exactly. Tuples come back as lists.
+    Tensors go to ``{prefix}.arrays`` (bfloat16 ones as float32); numbers, strings
+    and booleans to ``{prefix}.scalars`` as they are; every other leaf (lists,
+    tuples, ``None``, empty dicts: e.g. a ``random.Random`` state) to
+    ``{prefix}.json`` as JSON, which round-trips Python ints and floats exactly.
+    Tuples come back as lists.
     """
     arrays: dict[str, Array] = {}
     scalars: dict[str, Any] = {}
@@ -207,21 +208,18 @@ class RunSettings:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, UserConfigValue]) -> RunSettings:
-        raw = str(run_config.get(EXPERIMENT_KEY, "") or "")
-        if not raw:
-            raise FedMOAError(
-                f"the run config has no {EXPERIMENT_KEY!r}: pass "
-                f"--run-config \"{EXPERIMENT_KEY}='/abs/path/experiment.toml'\""
-            )
+        """Absolute paths only: the ServerApp and ClientApps do not run in the user's cwd."""
+        raw = str(run_config.get(EXPERIMENT_KEY) or "")
         experiment = Path(raw).expanduser()
-        if not experiment.is_absolute():
+        if not raw or not experiment.is_absolute():
             raise FedMOAError(
-                f"run config {EXPERIMENT_KEY!r} must be an absolute path (the apps do not run "
-                f"in your working directory), got {raw!r}"
+                f"the run config needs {EXPERIMENT_KEY!r}, the absolute path of the experiment "
+                f"TOML (got {raw!r}): --run-config \"{EXPERIMENT_KEY}='/abs/experiment.toml'\""
             )
-        run_dir = Path(str(run_config.get(RUN_DIR_KEY, "") or "")).expanduser()
-        if not str(run_config.get(RUN_DIR_KEY, "") or ""):
-            # No run dir given: the experiment's output_dir, relative to the experiment file.
+        raw_run_dir = str(run_config.get(RUN_DIR_KEY) or "")
+        if raw_run_dir:
+            run_dir = Path(raw_run_dir).expanduser()
+        else:  # the experiment's output_dir, relative to the experiment file
             run_dir = experiment.parent / load_experiment(experiment).output_dir
         return cls(
             experiment,
@@ -260,8 +258,9 @@ class FedMOAStrategy(Strategy):
         self.plan: RoundPlan | None = None
 
     def summary(self) -> None:
+        """Logged by ``Strategy.start`` on Flower's logger, next to Flower's own lines."""
         cfg = self.federation.cfg
-        logger.info(
+        logging.getLogger("flwr").info(
             "FedMOA strategy: method %s, %d clients, %d rounds, run directory %s",
             cfg.server.method,
             len(cfg.clients),
@@ -445,6 +444,7 @@ class ClientRuntime:
     cfg: ExperimentConfig
     policy: Any
     tokenizer: Any
+    initial: Adapter  # the LoRA as built: names and dtypes that incoming adapters take
     data: dict[str, ClientData] = field(default_factory=dict)
     reward_funcs: dict[str, list[tuple[str, RewardFunc]]] = field(default_factory=dict)
 
@@ -466,8 +466,7 @@ def client_runtime(experiment: Path) -> ClientRuntime:
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one experiment per process: free the previous model first
         cfg = load_experiment(experiment)
-        policy, tokenizer, _ = build_policy(cfg)
-        _RUNTIMES[key] = ClientRuntime(cfg, policy, tokenizer)
+        _RUNTIMES[key] = ClientRuntime(cfg, *build_policy(cfg))
     return _RUNTIMES[key]
 
 
@@ -501,7 +500,7 @@ def train(message: Message, context: Context) -> Message:
         client,
         data,
         reward_funcs,
-        record_to_adapter(message.content[ADAPTER]),
+        record_to_adapter(message.content[ADAPTER], like=runtime.initial),
         records_to_state(context.state, prefix),
         method=cfg.server.method,
         server=cfg.server,

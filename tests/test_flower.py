@@ -1,0 +1,440 @@
+"""The Flower engine: same adapters as the embedded engine, failures, state records, deployment."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedmoa.cli import app
+from fedmoa.federation import flower_app
+from fedmoa.federation.flower_app import (
+    EXPERIMENT_KEY,
+    FLOWER_ENV,
+    METRIC_KEYS,
+    RUN_DIR_KEY,
+    adapter_to_record,
+    record_to_adapter,
+    records_to_state,
+    serve,
+    state_to_records,
+)
+from fedmoa.runs import RunDirectory
+from test_embedded import run_embedded, write_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "examples" / "flower_app"
+BIN = Path(sys.executable).parent
+TIMINGS = {"seconds", "step_time"}  # wall-clock fields: the only ones allowed to differ
+
+
+def reap_session(process: subprocess.Popen, grace: float = 60) -> list[int]:
+    """Wait for the processes of ``process``'s session (Ray's raylet and actors outlive the
+    driver by a few seconds), kill what is left after ``grace`` and return their PIDs."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def session() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getsid(proc.pid) == process.pid and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+        return found
+
+    deadline = time.monotonic() + grace
+    while (left := session()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [proc.pid for proc in left]
+
+
+def adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        p.name: load_file(p / "adapter_model.safetensors")
+        for p in sorted((run / "adapters").iterdir())
+    }
+
+
+def without_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+
+
+# -- the engines agree ----------------------------------------------------------------------
+
+
+def test_flower_simulation_matches_embedded_engine(tmp_path):
+    """2 rounds, 3 clients with different objectives: bit-identical adapters and records.
+
+    Both engines call ``run_client_round`` with the same seed, start adapter and
+    client state, and the server sums the updates in client-id order, whatever
+    order the Flower replies arrive in, so the results match bit for bit.
+    """
+    config = write_experiment(tmp_path, "fedmoa", rounds=2)
+    embedded_run = tmp_path / "embedded"
+    federation, initial = run_embedded(config, embedded_run)
+
+    flower_run = tmp_path / "flower"
+    cli = [sys.executable, "-m", "fedmoa.cli", "run", str(config), "--engine", "flower"]
+    process = subprocess.Popen(
+        [*cli, "--output", str(flower_run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=400)
+    finally:
+        leftovers = reap_session(process)
+    assert process.returncode == 0, stderr[-3000:]
+    assert leftovers == [], "Ray's processes outlived the simulation by more than 60s"
+
+    expected, got = adapters(embedded_run), adapters(flower_run)
+    assert set(got) == set(expected) == {"global", "task-math", "task-chain"}
+    for name, tensors in expected.items():
+        assert tensors.keys() == got[name].keys()
+        for key, tensor in tensors.items():
+            assert torch.equal(got[name][key], tensor), f"{name}: {key} differs"
+    moved = [k for k, v in initial.items() if not torch.equal(expected["global"][k], v)]
+    assert any("lora_B" in k for k in moved), "training must move the global adapter"
+
+    flower_records = RunDirectory(flower_run).read_metrics()
+    assert without_timings(flower_records) == without_timings(federation.run.read_metrics())
+    # Same layout; the embedded helper skips the config copy that the CLI (and ServerApp) write.
+    assert files(flower_run) == files(embedded_run) | {"config.toml", "resolved_config.json"}
+    summary = json.loads((flower_run / "summary.json").read_text())
+    assert summary["rounds"] == 2
+
+    # Heterogeneous rewards in one simulation: each client logged its own objectives.
+    clients = {(r["client"], r["round"]): r for r in flower_records if r["type"] == "client"}
+    assert len(clients) == 6 and not any("failed" in r for r in clients.values())
+    objectives = {
+        cid: sorted(k.removeprefix("weights/") for k in r if k.startswith("weights/"))
+        for (cid, _), r in clients.items()
+    }
+    assert objectives == {
+        "math-a": ["brevity", "digits"],
+        "math-b": ["accuracy", "boxed", "share"],
+        "chain": ["digits"],
+    }
+
+
+# -- the ServerApp and ClientApp in one process: node mapping and failed replies -------------
+
+
+class LoopbackGrid:
+    """A Grid that hands each message to the ClientApp handlers in this process.
+
+    Nodes are registered in an order unrelated to their partition ids, and
+    ``failing`` nodes answer every train message with an error reply.
+    """
+
+    def __init__(self, partitions: dict[int, int], run_config: dict[str, Any], failing: set[int]):
+        self.failing = failing
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": pid, "num-partitions": len(partitions)},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for node, pid in partitions.items()
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node, kind = message.metadata.dst_node_id, message.metadata.message_type
+            if kind == "train" and node in self.failing:
+                replies.append(Message(Error(code=0, reason="out of memory"), reply_to=message))
+                continue
+            handler = flower_app.train if kind == "train" else flower_app.identify
+            replies.append(handler(message, self.contexts[node]))
+        return replies
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower stamps messages with the running task's identity, as run_simulation sets it."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def test_failed_reply_is_logged_and_skipped(tmp_path, task_identity, caplog):
+    config = write_experiment(tmp_path, "fedmoa", rounds=1)
+    run = tmp_path / "run"
+    run_config = {EXPERIMENT_KEY: str(config), RUN_DIR_KEY: str(run)}
+    # node id -> partition id; client i of the experiment is partition i.
+    grid = LoopbackGrid({30: 2, 10: 1, 20: 0}, run_config, failing={10})
+    server_context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    summary = serve(grid, server_context)
+
+    assert summary["rounds"] == 1
+    records = RunDirectory(run).read_metrics()
+    failed = [r for r in records if r["type"] == "client" and "failed" in r]
+    assert failed == [
+        {"type": "client", "round": 1, "client": "math-b", "failed": "error reply: out of memory"}
+    ]
+    assert "client 'math-b' failed" in caplog.text
+    round_record = next(r for r in records if r["type"] == "round")
+    assert round_record["replies"] == 2 and set(round_record["client_weights"]) == {
+        "math-a",
+        "chain",
+    }
+    assert (run / "adapters" / "global" / "adapter_model.safetensors").exists()
+    # Each node keeps the state of the client of its partition id, and only that.
+    stored = {
+        node: {name.split("/")[1].split(".")[0] for name in ctx.state}
+        for node, ctx in grid.contexts.items()
+    }
+    assert stored == {20: {"math-a"}, 10: set(), 30: {"chain"}}
+    state = records_to_state(grid.contexts[20].state, "fedmoa/math-a")
+    assert state is not None and set(state) == {"weighting", "sampler"}
+    # The reply's metric keys are the uniform ones, whatever the client's objectives.
+    ok = next(r for r in records if r["type"] == "client" and r["client"] == "chain")
+    assert set(METRIC_KEYS) - {"num-examples"} <= set(ok)
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def test_client_state_round_trips_through_records():
+    rng = random.Random(7)
+    rng.random()
+    state = {
+        "weighting": {
+            "z": torch.tensor([0.25, -1.5, 3.0], dtype=torch.float64),
+            "cached_grads": torch.randn(3, 5),
+            "has_cache": 1,
+            "steps": 4,
+            "eta": 0.1,
+            "flag": True,
+            "name": "hg",
+        },
+        "sampler": {"order": [3, 0, 2, 1], "rng": rng.getstate(), "position": None},
+        "static": {},
+    }
+    records = RecordDict(state_to_records(state, "fedmoa/math-a"))
+    # Deployment sends context.state through protobuf; it must survive that too.
+    restored = records_to_state(
+        recorddict_from_proto(recorddict_to_proto(records)), "fedmoa/math-a"
+    )
+    assert restored is not None
+    assert records_to_state(records, "fedmoa/other") is None
+    for key in ("z", "cached_grads"):
+        got, want = restored["weighting"][key], state["weighting"][key]
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    scalars = {k: v for k, v in state["weighting"].items() if not isinstance(v, torch.Tensor)}
+    assert {k: restored["weighting"][k] for k in scalars} == scalars
+    assert type(restored["weighting"]["has_cache"]) is int
+    assert type(restored["weighting"]["flag"]) is bool
+    assert restored["static"] == {}
+    assert restored["sampler"]["order"] == [3, 0, 2, 1]
+    assert restored["sampler"]["position"] is None
+    version, internal, gauss = restored["sampler"]["rng"]  # tuples come back as lists
+    again = random.Random()
+    again.setstate((version, tuple(internal), gauss))
+    assert again.random() == rng.random()
+
+
+def test_adapter_record_keeps_bfloat16():
+    adapter = {"a.lora_A.weight": torch.randn(4, 8).to(torch.bfloat16), "b": torch.randn(2)}
+    back = record_to_adapter(adapter_to_record(adapter), like=adapter)
+    for key, tensor in adapter.items():
+        assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor)
+
+
+# -- deployment: a real SuperLink and SuperNodes ---------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the SuperLink exited at start"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+
+
+def stop(processes: list[subprocess.Popen]) -> list[int]:
+    """SIGTERM each process group, SIGKILL what is left, then the detached descendants.
+
+    Flower starts its SuperExec, ServerApp and ClientApp processes in sessions of
+    their own, so they are listed (by PID) before their parents go. Returns every PID.
+    """
+    children: list[psutil.Process] = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children += psutil.Process(process.pid).children(recursive=True)
+    for process in processes:
+        _signal_group(process, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait(timeout=10)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
+    return [p.pid for p in processes] + [c.pid for c in children]
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def alive(pids: list[int]) -> list[int]:
+    left = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def test_deployment_superlink_supernodes_flwr_run(tmp_path):
+    """``flower-superlink`` + 2 ``flower-supernode`` + ``flwr run``: one FedMOA round."""
+    text = write_experiment(tmp_path, "fedmoa", rounds=1).read_text()
+    marker = '[[clients]]\nid = "chain"'
+    assert marker in text
+    config = tmp_path / "two_clients.toml"
+    config.write_text(text[: text.index(marker)])
+    run = tmp_path / "run"
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link, nodes = free_port(), [free_port(), free_port()]
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n'
+        f'[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        **FLOWER_ENV,
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its own CLIs
+        # Three torch processes share this machine's cores: one thread each, or OpenMP
+        # spin-waits make a local step ~100x slower.
+        "OMP_NUM_THREADS": "1",
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        out = (logs / f"{name}.log").open("w")
+        return subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    processes: list[subprocess.Popen] = []
+    try:
+        processes.append(start("superlink", "flower-superlink", "--insecure", "--port", str(link)))
+        wait_for_port(link, processes[0])
+        for i, port in enumerate(nodes):
+            processes.append(
+                start(
+                    f"supernode-{i}",
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={i} num-partitions=2",
+                )
+            )
+        done = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(APP_DIR),
+                "deploy",  # the connection in $FLWR_HOME/config.toml
+                "--run-config",
+                f"experiment='{config}' run-dir='{run}'",
+                "--stream",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        log = done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0, log
+        assert (run / "adapters" / "global" / "adapter_model.safetensors").exists(), log
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["rounds"] == 1
+        clients = [r for r in RunDirectory(run).read_metrics() if r["type"] == "client"]
+        assert sorted(r["client"] for r in clients) == ["math-a", "math-b"]
+        assert not any("failed" in r for r in clients)
+    finally:
+        stopped = stop(processes)
+    assert alive(stopped) == [], "every Flower process is gone"
+    # Fresh flwr-clientapp processes per message, still the embedded engine's adapter.
+    run_embedded(config, tmp_path / "embedded")
+    expected, got = adapters(tmp_path / "embedded")["global"], adapters(run)["global"]
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_cli_flower_engine_refuses_resume_and_unknown_engines(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(write_experiment(tmp_path, "fedmoa", rounds=1).read_text())
+    runner = CliRunner()
+    resumed = runner.invoke(app, ["run", "--resume", str(run), "--engine", "flower"])
+    assert resumed.exit_code == 2 and "embedded engine" in resumed.output
+    unknown = runner.invoke(app, ["run", str(run / "config.toml"), "--engine", "ray"])
+    assert unknown.exit_code == 2 and "unknown --engine 'ray'" in unknown.output
