@@ -166,3 +166,27 @@ def test_prompt_sampler_is_reproducible_and_covers_an_epoch():
     c = PromptSampler(10, seed=99)
     c.load_state_dict(state)
     assert c.next(7) == a.next(7)
+
+
+def test_rollout_samples_with_only_the_configured_warpers(monkeypatch):
+    """No hidden top-k: ``top_k=None`` would inherit the model's default of 50."""
+    from transformers import LogitsProcessorList
+
+    seen: list[str] = []
+    original = LogitsProcessorList.__call__
+
+    def spy(self, input_ids, scores, **kwargs):
+        seen.extend(type(p).__name__ for p in self)
+        return original(self, input_ids, scores, **kwargs)
+
+    monkeypatch.setattr(LogitsProcessorList, "__call__", spy)
+    policy, tokenizer = tiny_policy()
+    generate_rollouts(
+        policy, tokenizer, PROMPTS[:1], SamplingSettings(group_size=2, max_new_tokens=2)
+    )
+    assert seen and "TopKLogitsWarper" not in seen
+    seen.clear()
+    settings = SamplingSettings(group_size=2, max_new_tokens=2, temperature=0.7, top_p=0.9)
+    generate_rollouts(policy, tokenizer, PROMPTS[:1], settings)
+    assert {"TemperatureLogitsWarper", "TopPLogitsWarper"} <= set(seen)
+    assert "TopKLogitsWarper" not in seen

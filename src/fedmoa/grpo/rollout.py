@@ -120,7 +120,7 @@ def generate_rollouts(
         do_sample=True,
         temperature=settings.temperature,
         top_p=settings.top_p,
-        top_k=None,
+        top_k=0,  # 0 disables top-k; None would inherit the model default of 50
         max_new_tokens=settings.max_new_tokens,
         eos_token_id=list(eos_ids),
         pad_token_id=pad_id,
