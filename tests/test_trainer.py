@@ -96,8 +96,10 @@ def make_trainer(settings: GRPOSettings, reward=closeness_to_seven, seed: int = 
 
 @pytest.mark.parametrize(("reward", "direction"), [(closeness_to_seven, 1), (away_from_seven, -1)])
 def test_grpo_moves_the_reward_in_the_right_direction(reward, direction):
-    """Gradient sign and plumbing: "answer 7" must become more (or, negated, less) likely."""
-    settings = GRPOSettings(batch_size=4, group_size=8, max_new_tokens=6, lr=3e-2)
+    """Gradient sign and plumbing: "answer 7" must become more (or, negated, less) likely.
+
+    Top-k 50 keeps the random model's samples on few enough tokens that 32 steps show it."""
+    settings = GRPOSettings(batch_size=4, group_size=8, max_new_tokens=6, lr=3e-2, top_k=50)
     trainer = make_trainer(settings, reward=reward)
     history = trainer.train(32)
     closeness = [direction * m["reward"] for m in history]
@@ -190,3 +192,6 @@ def test_rollout_samples_with_only_the_configured_warpers(monkeypatch):
     generate_rollouts(policy, tokenizer, PROMPTS[:1], settings)
     assert {"TemperatureLogitsWarper", "TopPLogitsWarper"} <= set(seen)
     assert "TopKLogitsWarper" not in seen
+    seen.clear()
+    generate_rollouts(policy, tokenizer, PROMPTS[:1], SamplingSettings(group_size=2, top_k=5))
+    assert "TopKLogitsWarper" in seen

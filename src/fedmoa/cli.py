@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -48,11 +49,13 @@ def train_local(
     device: Annotated[
         str | None, typer.Option(help="override model.device (cpu, cuda, ...)")
     ] = None,
+    profile: Annotated[bool, typer.Option(help="print the time per phase at the end")] = False,
 ) -> None:
     """Single-client GRPO with LoRA: writes config, metrics.jsonl and a PEFT adapter."""
     from fedmoa.config import TrainLocalConfig, load_config, parse_config
     from fedmoa.train_local import build_local_trainer, start_run, train_into
 
+    started = time.perf_counter()
     try:
         cfg = load_config(config, TrainLocalConfig)
         overrides: dict = {}
@@ -89,6 +92,8 @@ def train_local(
         fail(err)
     print_summary(run.read_metrics(), [r.name for r in cfg.rewards])
     console.print(f"run directory: [bold]{run.path}[/] (adapter in {run.path / 'adapter'})")
+    if profile:
+        print_profile(run.read_metrics(), time.perf_counter() - started)
 
 
 @app.command("run")
@@ -99,6 +104,10 @@ def run(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="run directory")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
     engine: Annotated[str, typer.Option(help="embedded (default) or flower")] = "embedded",
+    device: Annotated[
+        str | None, typer.Option(help="override model.device (auto: CUDA when present, else CPU)")
+    ] = None,
+    profile: Annotated[bool, typer.Option(help="print the time per phase at the end")] = False,
 ) -> None:
     """A federation: every client trains locally with GRPO, the server aggregates, per round."""
     from fedmoa.federation.config import load_experiment
@@ -111,9 +120,23 @@ def run(
             output = resume
         if config is None:
             raise FedMOAError("give an experiment file, or --resume RUN_DIR")
+        started = time.perf_counter()
         cfg = load_experiment(config)
+        if device is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
         if engine == "flower":
-            return run_flower(config, output or Path(cfg.output_dir), cfg, resume)
+            if device is not None:
+                raise FedMOAError(
+                    "--device is for the embedded engine; with --engine flower set "
+                    "[model] device in the experiment file (each SuperNode reads it)"
+                )
+            flower_dir = output or Path(cfg.output_dir)
+            run_flower(config, flower_dir, cfg, resume)
+            if profile:
+                print_profile(
+                    RunDirectory(flower_dir).read_metrics(), time.perf_counter() - started
+                )
+            return None
         if engine != "embedded":
             raise FedMOAError(f"unknown --engine {engine!r}: use 'embedded' or 'flower'")
         run_dir = RunDirectory(output or Path(cfg.output_dir))
@@ -154,6 +177,116 @@ def run(
     except FedMOAError as err:
         fail(err)
     print_final(cfg, summary, run_dir.path)
+    if profile:
+        this_run = [r for r in run_dir.read_metrics() if r.get("round", 0) > done]
+        print_profile(this_run, time.perf_counter() - started)
+
+
+def print_profile(records: list[dict], wall_seconds: float) -> None:
+    """The ``--profile`` table: per-phase seconds from the records this invocation wrote."""
+    from fedmoa.profiling import phase_totals, profile_table
+
+    console.print(profile_table(phase_totals(records), wall_seconds))
+
+
+@app.command("eval")
+def evaluate(
+    config: Annotated[
+        Path | None, typer.Argument(help="eval TOML (see examples/eval_gsm8k.toml)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="override model.name (built-in name, hub id or path)")
+    ] = None,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(help="PEFT adapter directory, e.g. RUN/adapter or RUN/adapters/global"),
+    ] = None,
+    data_source: Annotated[str | None, typer.Option(help="override data.source")] = None,
+    data_name: Annotated[str | None, typer.Option(help="override data.name")] = None,
+    data_path: Annotated[str | None, typer.Option(help="override data.path (a file)")] = None,
+    data_split: Annotated[
+        str | None, typer.Option(help="override data.split (the dataset's own split)")
+    ] = None,
+    data_size: Annotated[int | None, typer.Option(help="override data.size")] = None,
+    use: Annotated[
+        str | None,
+        typer.Option(help="score this part of a run's split: train, validation or test"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="score the first N rows")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="override max_new_tokens")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="prompts per generate call")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="override model.device (cpu, cuda, ...)")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output directory")] = None,
+) -> None:
+    """Greedy pass@1 and reward means of a model (plus adapter): results.json, samples.csv."""
+    from fedmoa.eval.harness import load_eval_config, run_eval
+
+    sections = {
+        "model": {"name": model, "device": device},
+        "data": {
+            "source": data_source,
+            "name": data_name,
+            "path": data_path,
+            "split": data_split,
+            "size": data_size,
+        },
+        "split": {"use": use},
+    }
+    overrides: dict = {
+        k: {n: v for n, v in s.items() if v is not None} for k, s in sections.items()
+    }
+    overrides = {k: v for k, v in overrides.items() if v}
+    scalars = {
+        "adapter": None if adapter is None else str(adapter),
+        "limit": limit,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "output_dir": None if output is None else str(output),
+    }
+    overrides.update({k: v for k, v in scalars.items() if v is not None})
+    try:
+        cfg = load_eval_config(config, overrides)
+        progress = Progress(
+            TextColumn("[bold]eval"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        bar = progress.add_task("eval", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            # Shown once decoding starts: an error while loading stays a single line.
+            if not progress.live.is_started:
+                progress.start()
+            progress.update(bar, completed=done, total=total)
+
+        try:
+            report = run_eval(cfg, on_progress)
+        finally:
+            if progress.live.is_started:
+                progress.stop()
+    except FedMOAError as err:
+        fail(err)
+    table = Table(title=f"eval: {cfg.model.name}" + (f" + {cfg.adapter}" if cfg.adapter else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row(f"pass@1 ({report.primary})", _fmt(report.pass_at_1), end_section=True)
+    for name, mean in report.reward_means.items():
+        table.add_row(f"reward {name}", _fmt(mean))
+    table.add_row("rows", str(report.num_rows), end_section=True)
+    table.add_row("truncated", str(report.truncated))
+    table.add_row("completion tokens", str(report.completion_tokens))
+    table.add_row("tokens/s", _fmt(report.tokens_per_s, 1))
+    table.add_row("wall s", _fmt(report.wall_s, 1))
+    out = Console()
+    out.print(table, width=None if out.is_terminal else 100)
+    console.print(
+        f"results: [bold]{report.results_path}[/]  samples: [bold]{report.samples_path}[/]"
+    )
 
 
 def run_flower(config: Path, output: Path, cfg, resume: Path | None) -> None:
@@ -172,6 +305,43 @@ def run_flower(config: Path, output: Path, cfg, resume: Path | None) -> None:
 
     summary = run_simulation(config, output, on_round=on_round)
     print_final(cfg, summary, output)
+
+
+@app.command("report")
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="run directories to compare (methods × seeds)")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="report directory (default: report/ next to the first run)"
+        ),
+    ] = None,
+) -> None:
+    """Compare runs: report.md, a standalone report.html and PNGs; mean ± std over seeds."""
+    from rich.markup import escape
+
+    from fedmoa.report import write_report
+
+    try:
+        result = write_report(run_dirs, output)
+    except FedMOAError as err:
+        fail(err)
+    comparison = result.comparison
+    runs = f"{len(result.runs)} run" + ("s" if len(result.runs) != 1 else "")
+    table = Table(title=f"{runs}, final round", title_justify="left")
+    for i, header in enumerate(comparison.headers):
+        table.add_column(header, justify="right" if i in comparison.right else "left")
+    for row in comparison.rows:
+        table.add_row(*(escape(cell) for cell in row))
+    # Off a terminal rich assumes 80 columns, which would wrap every cell of this wide table.
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    out.print(table)
+    out.print(f"markdown: [bold]{escape(str(result.markdown))}[/]")
+    out.print(f"html:     [bold]{escape(str(result.html))}[/] (figures inlined)")
+    names = ", ".join(p.name for p in result.figures)
+    out.print(f"figures:  {escape(names)} in {escape(str(result.output))}")
 
 
 def print_final(cfg, summary: dict, run_path: Path) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
+from fedmoa.data.partition import PartitionConfig
 from fedmoa.data.prompts import DEFAULT_SYSTEM_PROMPT
 from fedmoa.data.sources import SOURCES
 
@@ -19,7 +20,9 @@ class DataConfig:
     ``source`` picks a loader from ``fedmoa.data.sources.SOURCES``. ``size`` is the number of
     generated rows for ``reasoning_gym`` and the maximum number of rows read from a file or hub
     dataset (``None``: all of them). ``columns`` maps our column names to the file's
-    (``{"question": "problem"}``). ``params`` are the reasoning-gym dataset's config kwargs.
+    (``{"question": "problem"}``). ``params`` are the reasoning-gym dataset's config kwargs (or a
+    benchmark's options, e.g. MATH ``levels``). ``partition`` keeps one client's share of the
+    loaded rows (``fedmoa.data.partition``).
     """
 
     source: str = "reasoning_gym"
@@ -31,6 +34,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     seed: int = 0
+    partition: PartitionConfig | None = None
 
     @field_validator("source")
     @classmethod

@@ -16,6 +16,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmoa.data.partition import partition_rows
 from fedmoa.data.prompts import as_messages, build_prompt
 from fedmoa.errors import DataError
 
@@ -39,10 +40,16 @@ def register_source(name: str) -> Callable[[Loader], Loader]:
 
 
 def load_rows(cfg: DataConfig) -> list[Row]:
-    """Load the rows ``cfg`` describes; the same config always gives the same rows."""
+    """Load the rows ``cfg`` describes; the same config always gives the same rows.
+
+    With ``cfg.partition`` set, only that partition of the loaded (size-capped) rows is kept.
+    """
     rows = SOURCES[cfg.source](cfg)
     if not rows:
         raise DataError(f"no rows from {cfg.source} ({cfg.path or cfg.name})")
+    if cfg.partition is not None:
+        where = f"data source '{cfg.source}' ({cfg.path or cfg.name})"
+        rows = partition_rows(rows, cfg.partition, where)
     return rows
 
 

@@ -8,7 +8,8 @@ figure depends on the adapter only, not on sampling luck.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +22,26 @@ Row = dict[str, Any]
 
 
 @dataclass
+class Generations:
+    """Greedy completions with what decoding knew about them: token counts and truncation."""
+
+    texts: list[str]
+    num_tokens: list[int]  # generated tokens per row, the closing EOS included
+    truncated: list[bool]  # hit ``max_new_tokens`` before an EOS
+    seconds: float  # wall time spent in ``generate``
+
+
+@dataclass
 class EvalResult:
     accuracy: float  # mean of the primary objective over rows it applies to (NaN if none)
     reward_means: dict[str, float] = field(default_factory=dict)
     num_rows: int = 0
     completions: list[str] = field(default_factory=list)
+    # Per-row detail for reports (``fedmoa eval``); the federation only reads the means above.
+    rewards: torch.Tensor | None = None  # [num_rows, m], NaN where an objective does not apply
+    num_tokens: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    generation_s: float = 0.0
 
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/accuracy": self.accuracy}
@@ -34,23 +50,30 @@ class EvalResult:
 
 
 @torch.no_grad()
-def greedy_completions(
+def greedy_generate(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[list[dict[str, Any]]],
     max_new_tokens: int,
     batch_size: int = 8,
-) -> list[str]:
-    """Decode each prompt greedily, ``batch_size`` prompts per ``generate`` call."""
+    on_batch: Callable[[int], None] | None = None,
+) -> Generations:
+    """Decode each prompt greedily, ``batch_size`` prompts per ``generate`` call.
+
+    ``on_batch(n)`` is called after every batch with the number of prompts it held, so a caller
+    can drive a progress bar without the decoding loop knowing about one.
+    """
     device = next(model.parameters()).device
     eos = list(eos_token_ids(model, tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     was_training = model.training
     model.eval()
-    texts: list[str] = []
+    out = Generations(texts=[], num_tokens=[], truncated=[], seconds=0.0)
     try:
         for start in range(0, len(prompts), batch_size):
-            encoded = encode_prompts(tokenizer, list(prompts[start : start + batch_size]), device)
+            batch = list(prompts[start : start + batch_size])
+            encoded = encode_prompts(tokenizer, batch, device)
+            began = time.perf_counter()
             output = model.generate(
                 **encoded,
                 do_sample=False,
@@ -61,14 +84,33 @@ def greedy_completions(
                 top_p=None,
                 top_k=None,
             )
-            texts.extend(
-                tokenizer.batch_decode(
-                    output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
-                )
-            )
+            out.seconds += time.perf_counter() - began
+            generated = output[:, encoded["input_ids"].shape[1] :]
+            out.texts.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
+            # A row without EOS ran to max_new_tokens: generate only stops early once every
+            # row has ended, and then each has its EOS. Tokens after the EOS are padding.
+            is_eos = torch.isin(generated, torch.tensor(eos, device=generated.device))
+            ended = is_eos.any(dim=1)
+            lengths = torch.where(ended, is_eos.int().argmax(dim=1) + 1, generated.shape[1])
+            out.num_tokens.extend(lengths.tolist())
+            out.truncated.extend((~ended).tolist())
+            if on_batch is not None:
+                on_batch(len(batch))
     finally:
         model.train(was_training)
-    return texts
+    return out
+
+
+def greedy_completions(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[dict[str, Any]]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """The texts of ``greedy_generate``: each prompt decoded greedily, batch by batch."""
+    return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch).texts
 
 
 def evaluate_rows(
@@ -79,18 +121,26 @@ def evaluate_rows(
     primary: str,
     max_new_tokens: int,
     batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Greedy completions for ``rows`` scored by every objective; accuracy is the primary's mean."""
     if not rows:
         return EvalResult(accuracy=math.nan)
     prompts = [row["prompt"] for row in rows]
-    texts = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    gen = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch)
+    completions = [[{"role": "assistant", "content": t}] for t in gen.texts]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
     rewards = compute_rewards(reward_funcs, prompts, completions, columns)
     means = {name: _nanmean(rewards[:, i]) for i, (name, _) in enumerate(reward_funcs)}
     return EvalResult(
-        accuracy=means[primary], reward_means=means, num_rows=len(rows), completions=texts
+        accuracy=means[primary],
+        reward_means=means,
+        num_rows=len(rows),
+        completions=gen.texts,
+        rewards=rewards,
+        num_tokens=gen.num_tokens,
+        truncated=gen.truncated,
+        generation_s=gen.seconds,
     )
 
 

@@ -9,6 +9,7 @@ local GRPO steps, measure validation accuracy, and reply with ``Δθ``.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from fedmoa.data import load_rows, split_rows
 from fedmoa.errors import DataError
 from fedmoa.eval import evaluate_rows
 from fedmoa.federation.config import HYPERGRADIENT_METHODS, ClientConfig, ServerConfig
-from fedmoa.grpo.trainer import LocalTrainer
+from fedmoa.grpo.trainer import STEP_PHASES, LocalTrainer
 from fedmoa.rewards import RewardFunc
 from fedmoa.train_local import build_reward_funcs
 from fedmoa.weighting import RewardWeighting, StaticWeighting
@@ -163,12 +164,15 @@ def run_client_round(
     validation = data.validation[: server.validation_prompts]
     primary = client.primary_reward
     max_new = server.eval_max_new_tokens or client.grpo.max_new_tokens
+    began = time.perf_counter()
     result = evaluate_rows(policy, tokenizer, validation, reward_funcs, primary, max_new)
+    validation_seconds = time.perf_counter() - began
     accuracy = result.accuracy if result.accuracy == result.accuracy else 0.0  # no rows: 0
 
     after = adapter_state(policy)
     delta = {k: after[k] - start[k] for k in start}
     metrics = uniform_metrics(history, weighting, primary)
+    metrics["timing/validation"] = validation_seconds
     update = ClientUpdate(
         client_id=client.id,
         task=client.task,
@@ -200,6 +204,7 @@ def uniform_metrics(
         "weight/primary": float(weighting.weights()[weighting.primary_index]),
         "loss": last["loss"],
         "step_time": sum(m["step_time"] for m in history),
+        **{f"timing/{p}": sum(m[f"timing/{p}"] for m in history) for p in STEP_PHASES},
     }
 
 

@@ -31,6 +31,7 @@ from fedmoa.federation.client import (
 )
 from fedmoa.federation.config import ExperimentConfig
 from fedmoa.federation.server import FederatedServer, RoundPlan
+from fedmoa.grpo.trainer import PhaseTimer
 from fedmoa.models import attach_lora, load_model_and_tokenizer
 from fedmoa.runs import RunDirectory, write_json_atomic
 from fedmoa.train_local import lora_settings, seed_everything
@@ -161,7 +162,9 @@ class EmbeddedFederation:
         """
         cfg, server_round = self.cfg, plan.server_round
         records = list(records)
-        aggregated = self.server.aggregate_round(plan, updates)
+        timer = PhaseTimer()
+        with timer.phase("aggregate"):
+            aggregated = self.server.aggregate_round(plan, updates)
         records.append(
             {
                 "type": "round",
@@ -176,13 +179,24 @@ class EmbeddedFederation:
         )
         every = cfg.server.eval_every
         if (every and server_round % every == 0) or server_round == cfg.server.rounds:
-            records.append({"type": "eval", "round": server_round, **self.evaluate()})
-        for record in records:
+            with timer.phase("evaluate"):
+                records.append({"type": "eval", "round": server_round, **self.evaluate()})
+        round_record = next(r for r in records if r["type"] == "round")
+        round_record.update({f"timing/{k}": v for k, v in timer.seconds.items()})
+        for record in records:  # logged before the checkpoint: resume drops what has none
             self.run.log(record)
-        save_checkpoint(
-            self.checkpoint_dir,
-            server_round,
-            {"server": self.server.state_dict(), "clients": self.client_states},
+        with timer.phase("checkpoint"):
+            save_checkpoint(
+                self.checkpoint_dir,
+                server_round,
+                {"server": self.server.state_dict(), "clients": self.client_states},
+            )
+        self.run.log(
+            {
+                "type": "timing",
+                "round": server_round,
+                "timing/checkpoint": timer.seconds["checkpoint"],
+            }
         )
         return records
 

@@ -22,6 +22,7 @@ class SamplingSettings:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off, as in TRL's GRPOConfig
     mask_truncated: bool = False
 
 
@@ -120,7 +121,7 @@ def generate_rollouts(
         do_sample=True,
         temperature=settings.temperature,
         top_p=settings.top_p,
-        top_k=0,  # 0 disables top-k; None would inherit the model default of 50
+        top_k=settings.top_k,  # 0 disables top-k; None would inherit the model's default (50)
         max_new_tokens=settings.max_new_tokens,
         eos_token_id=list(eos_ids),
         pad_token_id=pad_id,

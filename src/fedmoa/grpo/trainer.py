@@ -42,6 +42,7 @@ class GRPOSettings:
     max_new_tokens: int = Field(128, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
     mask_truncated: bool = False
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -61,6 +62,7 @@ class GRPOSettings:
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             mask_truncated=self.mask_truncated,
         )
 
@@ -75,19 +77,34 @@ class GRPOSettings:
         )
 
 
+# The phases of one step, in order; every step reports all of them (0.0 when skipped), so metric
+# keys are the same on every client and every step.
+STEP_PHASES = ("generate", "reward", "forward_backward", "weighting", "optimizer")
+
+
 @dataclass
 class PhaseTimer:
-    """Wall time per phase of a step, for ``step_time`` and ``timing/*`` metrics."""
+    """Exclusive wall time per phase, for ``step_time``, ``timing/*`` and ``--profile``.
+
+    Phases may nest; a nested phase's time counts for it alone, not for its parent, so the
+    phases of a step add up to the step's time and a profile never counts a second twice.
+    """
 
     seconds: dict[str, float] = field(default_factory=dict)
+    _nested: list[float] = field(default_factory=list, repr=False)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            inner = self._nested.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - inner
+            if self._nested:
+                self._nested[-1] += elapsed
 
 
 def repeat_columns(rows: Sequence[Row], group_size: int) -> dict[str, list[Any]]:
@@ -209,7 +226,8 @@ def grpo_step(
                     )[0],
                     reward_means=torch.nanmean(rewards, dim=0),
                 )
-                metrics.update(weighting.observe(signals))
+                with timer.phase("weighting"):
+                    metrics.update(weighting.observe(signals))
             if regularizer is not None:
                 penalty = regularizer()
                 metrics["proximal_term"] = penalty.item()
@@ -303,7 +321,7 @@ class LocalTrainer:
         )
         self.global_step += 1
         metrics.update(self.weighting.weight_metrics())
-        metrics.update({f"timing/{k}": v for k, v in timer.seconds.items()})
+        metrics.update({f"timing/{k}": timer.seconds.get(k, 0.0) for k in STEP_PHASES})
         metrics["step_time"] = time.perf_counter() - start
         metrics["step"] = float(self.global_step)
         return metrics

@@ -1,5 +1,8 @@
 """Code reward: 1.0 when the completion's code passes the sample's tests in a separate process.
 
+Two test formats: MBPP's ``test_list`` (assert statements, with optional ``test_setup_code``) and
+HumanEval's ``test`` (a ``check(candidate)`` function) with ``entry_point`` and ``code_prompt``.
+
 Generated code is untrusted, so it never runs in the trainer's process. ``run_python`` is the one
 place that launches it; a hardened sandbox can replace that function without touching the rest.
 """
@@ -20,9 +23,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from fedmoa.errors import RewardError
 from fedmoa.rewards.base import Completion, completion_text
 
 _FENCE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
+_Job = tuple[str, str, list[str]]  # code, setup code, tests
 _MEMORY_BYTES = 1 << 30
 _OUTPUT_BYTES = 16 << 20
 
@@ -49,39 +54,79 @@ class RunResult:
 def code_execution(
     prompts: Sequence[Any],
     completions: Sequence[Completion],
-    test_list: Sequence[Sequence[str] | str | None],
+    test_list: Sequence[Sequence[str] | str | None] | None = None,
     *,
     test_setup_code: Sequence[str | None] | None = None,
+    test: Sequence[str | None] | None = None,
+    entry_point: Sequence[str | None] | None = None,
+    code_prompt: Sequence[str | None] | None = None,
     timeout: float = 5.0,
     max_workers: int = 4,
     **kwargs: Any,
 ) -> list[float | None]:
-    """1.0 if the extracted code, then ``test_setup_code``, then ``test_list`` run cleanly.
+    """1.0 if the extracted code passes the sample's tests, else 0.0; None without tests.
 
-    ``test_list`` holds, per sample, a list of assert statements or one string of test code; a
-    sample without tests scores None. The code is the last fenced python (or untagged) block, else
-    the whole text. After the tests the program prints a random nonce, and a pass requires it on
-    stdout, so a solution that exits early (``sys.exit(0)``) fails. Samples run in parallel on
-    ``max_workers`` threads, each in its own process with a ``timeout`` in seconds.
+    The code is the last fenced python (or untagged) block, else the whole text. A sample with
+    ``test_list`` (a list of assert statements or one string of test code) runs the code, then
+    ``test_setup_code``, then the tests (MBPP). Otherwise a sample with ``test`` runs
+    ``code_prompt`` + code + ``test`` + ``check(entry_point)`` (HumanEval). ``code_prompt`` (the
+    imports, signature and docstring) is always prepended: a body-only completion continues it, and
+    a completion that writes the whole function redefines it while still getting the imports and
+    helper functions it may have left out (``List`` in an annotation would otherwise fail).
+
+    After the tests the program prints a random nonce, and a pass requires it on stdout, so a
+    solution that exits early (``sys.exit(0)``) fails. Samples run in parallel on ``max_workers``
+    threads, each in its own process with a ``timeout`` in seconds.
     """
-    setups = test_setup_code if test_setup_code is not None else [None] * len(completions)
-    jobs = {
-        row: (
-            extract_code(completion_text(completion)),
-            setup or "",
-            [tests] if isinstance(tests, str) else list(tests),
-        )
-        for row, (completion, tests, setup) in enumerate(
-            zip(completions, test_list, setups, strict=True)
-        )
-        if tests is not None
+    n = len(completions)
+    columns = {
+        "test_list": test_list,
+        "test_setup_code": test_setup_code,
+        "test": test,
+        "entry_point": entry_point,
+        "code_prompt": code_prompt,
     }
-    scores: list[float | None] = [None] * len(completions)
+    for name, values in columns.items():
+        if values is not None and len(values) != n:
+            raise RewardError(
+                f"code_execution: column '{name}' has {len(values)} values for {n} completions"
+            )
+    jobs = {
+        row: job
+        for row, completion in enumerate(completions)
+        if (
+            job := _job(
+                row, completion, {k: None if v is None else v[row] for k, v in columns.items()}
+            )
+        )
+    }
+    scores: list[float | None] = [None] * n
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
         results = pool.map(lambda job: _passes(*job, timeout=timeout), jobs.values())
         for row, passed in zip(jobs, results, strict=True):
             scores[row] = float(passed)
     return scores
+
+
+def _job(row: int, completion: Completion, sample: dict[str, Any]) -> _Job | None:
+    """(code, setup, tests) for one sample, or None when it has no tests."""
+    code = extract_code(completion_text(completion))
+    if (tests := sample["test_list"]) is not None:
+        return (
+            code,
+            sample["test_setup_code"] or "",
+            [tests] if isinstance(tests, str) else list(tests),
+        )
+    if (check := sample["test"]) is None:
+        return None
+    entry = sample["entry_point"]
+    if not (isinstance(entry, str) and entry.isidentifier()):
+        raise RewardError(
+            f"code_execution: sample {row} has a 'test' but its entry_point is {entry!r}, "
+            "not a function name"
+        )
+    stub = sample["code_prompt"] or ""
+    return f"{stub}\n{code}" if stub else code, "", [check, f"check({entry})"]
 
 
 def extract_code(text: str) -> str:

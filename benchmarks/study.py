@@ -1,0 +1,100 @@
+"""Run the FedMOA vs FedAvg study: one experiment file, every method × seed, then the report.
+
+Why a script: the study is 15+ runs that take hours on a CPU, so it must survive being stopped.
+Each run lives in ``OUT/<method>-seed<N>``; a finished run (``summary.json``) is skipped and an
+interrupted one continues with ``fedmoa run --resume``, so rerunning the same command picks up
+where the last one stopped, across sessions.
+
+    .venv/bin/python benchmarks/study.py --out runs/study
+    .venv/bin/python benchmarks/study.py --out runs/study --methods fedavg fedmoa --seeds 0
+    .venv/bin/python benchmarks/study.py --out runs/study --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "fedmoa_vs_fedavg.toml"
+DEFAULT_METHODS = ("fedavg", "fedmoa", "fedmoa-hg", "fedmoa-taa", "local")
+FEDMOA = [sys.executable, "-m", "fedmoa.cli"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--out", type=Path, default=Path("runs/study"))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--model", help="override [model] name, e.g. a local path")
+    parser.add_argument("--rounds", type=int, help="override server.rounds")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    return parser.parse_args(argv)
+
+
+def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed: int) -> dict:
+    """The study file with this run's method, seed and overrides; everything else unchanged."""
+    cfg = json.loads(json.dumps(base))  # deep copy of plain TOML data
+    cfg["seed"] = seed
+    cfg["output_dir"] = str(args.out / f"{method}-seed{seed}")
+    cfg.setdefault("server", {})["method"] = method
+    if args.rounds is not None:
+        cfg["server"]["rounds"] = args.rounds
+    if args.model is not None:
+        cfg.setdefault("model", {})["name"] = args.model
+    return cfg
+
+
+def run_one(cfg: dict[str, Any], log: Path) -> tuple[str, float]:
+    """Start, resume or skip one run; returns what was done and its wall time."""
+    out = Path(cfg["output_dir"])
+    if (out / "summary.json").is_file():
+        return "done before", 0.0
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        command, action = [*FEDMOA, "run", "--resume", str(out)], "resumed"
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        config_path = out.parent / f"{out.name}.toml"
+        config_path.write_text(tomli_w.dumps(cfg))
+        command, action = [*FEDMOA, "run", str(config_path), "--output", str(out)], "ran"
+    start = time.perf_counter()
+    with log.open("a") as sink:
+        sink.write(f"$ {' '.join(command)}\n")
+        sink.flush()
+        proc = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{out}: fedmoa run exited with {proc.returncode}; see {log}")
+    return action, time.perf_counter() - start
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = tomllib.loads(args.config.read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "study.log"
+    runs = [(m, s) for s in args.seeds for m in args.methods]
+    if not args.report_only:
+        for i, (method, seed) in enumerate(runs, start=1):
+            action, seconds = run_one(run_config(base, args, method, seed), log)
+            print(f"[{i}/{len(runs)}] {method} seed {seed}: {action} ({seconds:.0f} s)", flush=True)
+            with (args.out / "timings.jsonl").open("a") as fh:
+                fh.write(json.dumps({"method": method, "seed": seed, "action": action,
+                                     "seconds": round(seconds, 1)}) + "\n")  # fmt: skip
+    run_dirs = [str(args.out / f"{m}-seed{s}") for m, s in runs]
+    finished = [d for d in run_dirs if (Path(d) / "summary.json").is_file()]
+    command = [*FEDMOA, "report", *finished, "--output", str(args.out / "report")]
+    return subprocess.run(command, check=False).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""``write_report``: run directories in, ``report.md``, ``report.html`` and PNGs out."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmoa.errors import FedMOAError
+from fedmoa.report import figures
+from fedmoa.report.aggregate import BASELINE, MethodSummary, Stat, summarize
+from fedmoa.report.document import FigureBlock, Section, TableBlock, to_html, to_markdown
+from fedmoa.report.load import RunRecord, load_runs
+
+TITLE = "FedMOA run report"
+
+NOTES = (
+    "Accuracy is greedy pass@1 of each client's primary objective on its test rows, at the "
+    "last evaluated round. Global: the global adapter, averaged per task, then over tasks. "
+    "Personalized: each client's personalized adapter (its task adapter; its own for 'local'), "
+    "averaged over clients. mean ± std is over seeds (sample std); with one seed there is no "
+    "spread and only the mean is shown."
+)
+DELTA_NOTES = (
+    "Δ vs fedavg is the difference of seed means; ± is its standard error, "
+    "sqrt(s²/n + s_fedavg²/n_fedavg). '(within noise)' marks |Δ| < 2 SE; with a handful "
+    "of seeds even a larger Δ is weak evidence."
+)
+NO_BASELINE = "No fedavg run among the inputs, so there is no Δ vs fedavg column."
+BYTES_NOTES = (
+    "KiB per round: LoRA tensors exchanged, summed over the round's clients (down: the start "
+    "adapter; up: the delta), averaged over rounds and then over seeds."
+)
+
+
+@dataclass
+class Report:
+    """What was written, and the comparison table (the CLI prints it)."""
+
+    output: Path
+    markdown: Path
+    html: Path
+    figures: list[Path]
+    comparison: TableBlock
+    runs: list[RunRecord]
+    summaries: list[MethodSummary]
+
+
+def default_output(run_dirs: list[Path]) -> Path:
+    """``report/`` next to the first run: ``runs/a runs/b`` report into ``runs/report``."""
+    return Path(run_dirs[0]).parent / "report"
+
+
+def write_report(run_dirs: list[Path] | list[str], output: Path | str | None = None) -> Report:
+    """Load, aggregate over seeds and render; errors are one-line ``FedMOAError``s."""
+    paths = [Path(p) for p in run_dirs]
+    runs = load_runs(paths)
+    out = Path(output) if output is not None else default_output(paths)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FedMOAError(f"cannot create report directory {out}: {err.strerror}") from None
+    summaries = summarize(runs)
+    comparison = comparison_table(summaries)
+    sections = [Section("Runs", [runs_table(runs), *warnings(runs, summaries)])]
+    pngs = _figures(runs, summaries, out, sections)
+    has_baseline = any(s.method == BASELINE for s in summaries)
+    notes = [NOTES, DELTA_NOTES if has_baseline else NO_BASELINE, BYTES_NOTES]
+    sections.append(Section("Comparison", [comparison, *notes]))
+    markdown, page = out / "report.md", out / "report.html"
+    markdown.write_text(to_markdown(TITLE, sections), encoding="utf-8")
+    page.write_text(to_html(TITLE, sections), encoding="utf-8")
+    return Report(out, markdown, page, pngs, comparison, runs, summaries)
+
+
+def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
+    """One row per method: final accuracies (mean ± std over seeds), seeds, Δ, bytes."""
+    with_delta = any(s.method == BASELINE for s in summaries)
+    headers = ["method", "seeds", "final global acc", "final personalized acc"]
+    if with_delta:
+        headers += ["Δ global vs fedavg", "Δ personalized vs fedavg"]
+    headers += ["KiB up/round", "KiB down/round"]
+    rows = []
+    for s in summaries:
+        row = [
+            s.method,
+            f"{len(s.runs)} ({', '.join(str(seed) for seed in s.seeds)})",
+            s.final_global.fmt(),
+            s.final_personal.fmt(),
+        ]
+        if with_delta:
+            for d in (s.delta_global, s.delta_personal):
+                row.append("reference" if s.method == BASELINE else d.fmt() if d else "-")
+        row += [s.bytes_up_per_round.fmt(1, 1 / 1024), s.bytes_down_per_round.fmt(1, 1 / 1024)]
+        rows.append(row)
+    return TableBlock(headers, rows, right=set(range(2, len(headers))))
+
+
+def runs_table(runs: list[RunRecord]) -> TableBlock:
+    headers = ["run", "method", "seed", "rounds", "final global", "final personalized", "failed"]
+    rows = [
+        [
+            str(r.path) + ("" if r.finished else " (unfinished)"),
+            r.method,
+            str(r.seed),
+            str(r.rounds),
+            Stat.of([r.final_global_accuracy]).fmt(),
+            Stat.of([r.final_personal_accuracy]).fmt(),
+            str(len(r.failures)),
+        ]
+        for r in runs
+    ]
+    return TableBlock(headers, rows, right={2, 3, 4, 5, 6})
+
+
+def warnings(runs: list[RunRecord], summaries: list[MethodSummary]) -> list[str]:
+    """What could make the comparison unfair or the spread misleading."""
+    out = []
+    for s in summaries:
+        repeated = [seed for seed, n in collections.Counter(s.seeds).items() if n > 1]
+        if repeated:
+            out.append(f"Warning: {s.method} has repeated seeds {repeated}: not independent runs.")
+    if len({r.rounds for r in runs}) > 1:
+        out.append("Warning: the runs have different numbers of rounds; final values differ in it.")
+    unfinished = [str(r.path) for r in runs if not r.finished]
+    if unfinished:
+        out.append(
+            "Warning: no summary.json (unfinished?) in "
+            + ", ".join(unfinished)
+            + "; their final values are from the last eval record."
+        )
+    failed = sum(len(r.failures) for r in runs)
+    if failed:
+        out.append(f"Warning: {failed} client-rounds failed and were left out of aggregation.")
+    return out
+
+
+def _figures(
+    runs: list[RunRecord], summaries: list[MethodSummary], out: Path, sections: list[Section]
+) -> list[Path]:
+    pngs: list[Path] = []
+
+    def add(section: Section, path: Path | None, caption: str) -> None:
+        if path is not None:
+            pngs.append(path)
+            section.blocks.append(FigureBlock(path, caption))
+
+    accuracy = Section("Accuracy per round")
+    add(
+        accuracy,
+        figures.accuracy_figure(runs, out / "accuracy.png"),
+        "Test accuracy per round: mean over seeds, band ±1 std",
+    )
+    add(
+        accuracy,
+        figures.task_accuracy_figure(runs, out / "accuracy-tasks.png"),
+        "Global test accuracy per task",
+    )
+    weights = Section(
+        "Reward weights",
+        ["Each client's objective weights at the end of each round (mean over seeds)."],
+    )
+    rewards = Section(
+        "Rewards", ["Training reward means per objective, at each round's last step."]
+    )
+    used: set[str] = set()
+    for s in summaries:
+        name = figures.slug(s.method)
+        while name in used:
+            name += "_"
+        used.add(name)
+        add(
+            weights,
+            figures.trajectory_figure(
+                s.runs, lambda r: r.weights, "weight", s.method, out / f"weights-{name}.png"
+            ),
+            f"{s.method}: reward weights per client",
+        )
+        add(
+            rewards,
+            figures.trajectory_figure(
+                s.runs, lambda r: r.rewards, "mean reward", s.method, out / f"rewards-{name}.png"
+            ),
+            f"{s.method}: per-objective training rewards per client",
+        )
+    communication = Section("Communication")
+    add(
+        communication,
+        figures.communication_figure(runs, out / "communication.png"),
+        "KiB exchanged per round, summed over clients",
+    )
+    sections += [accuracy, weights, rewards, communication]
+    return pngs

@@ -1,0 +1,233 @@
+"""``fedmoa report`` on recorded tiny runs: files, figures, the seed statistics, bad inputs.
+
+The expected numbers are recomputed here from the fixture's ``summary.json`` files with
+``statistics``, not with the report's own aggregation code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fedmoa.cli import app
+from fedmoa.report import Stat, load_run, summarize, write_report
+from fedmoa.report.aggregate import delta
+
+RUNS = Path(__file__).resolve().parent / "data" / "report_runs"
+RUN_DIRS = [RUNS / name for name in ("fedmoa-s0", "fedmoa-s1", "fedavg-s0", "fedavg-s1")]
+FIGURES = [
+    "accuracy.png",
+    "accuracy-tasks.png",
+    "weights-fedmoa.png",
+    "weights-fedavg.png",
+    "rewards-fedmoa.png",
+    "rewards-fedavg.png",
+    "communication.png",
+]
+
+
+def run_cli(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def expected_by_method() -> dict[str, dict[str, list[float]]]:
+    """Per method: final global/personalized accuracy and bytes per round, one value per seed."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for run in RUN_DIRS:
+        summary = json.loads((run / "summary.json").read_text())
+        values = out.setdefault(summary["method"], {"global": [], "personal": [], "up": []})
+        values["global"].append(summary["final_eval"]["global/accuracy"])
+        values["personal"].append(summary["final_eval"]["personal/accuracy"])
+        values["up"].append(summary["bytes_up"] / summary["rounds"] / 1024)
+    return out
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """The comparison table (the report's last table), as method -> cells."""
+    section = markdown.split("## Comparison", 1)[1]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:  # after the header and the alignment rule
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells, strict=True))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("report")
+    result = run_cli("report", *RUN_DIRS, "--output", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_report_writes_markdown_html_and_valid_pngs(rendered):
+    out, stdout = rendered
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    for name in FIGURES:
+        path = out / name
+        assert path.is_file(), name
+        assert path.stat().st_size > 5_000, name  # a blank canvas compresses to far less
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.width >= 400 and image.height >= 200
+            image.verify()
+    markdown = (out / "report.md").read_text()
+    for name in FIGURES:
+        assert f"]({name})" in markdown  # relative links next to report.md
+    assert str(out / "report.md") in stdout and str(out / "report.html") in stdout
+
+
+def test_html_is_standalone(rendered):
+    out, _ = rendered
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)
+    assert 'src="accuracy.png"' not in page
+
+
+def test_table_has_mean_and_std_over_seeds(rendered):
+    out, stdout = rendered
+    rows = table_rows((out / "report.md").read_text())
+    expected = expected_by_method()
+    assert set(rows) == set(expected) == {"fedmoa", "fedavg"}
+    for method, values in expected.items():
+        row = rows[method]
+        assert row["seeds"] == "2 (0, 1)"
+        assert row["final global acc"] == mean_std(values["global"])
+        assert row["final personalized acc"] == mean_std(values["personal"])
+        assert row["KiB up/round"] == mean_std(values["up"], 1)
+        assert method in stdout
+    # Δ vs fedavg: difference of the seed means, ± the standard error of that difference.
+    moa, avg = expected["fedmoa"]["global"], expected["fedavg"]["global"]
+    diff = statistics.mean(moa) - statistics.mean(avg)
+    se = math.sqrt(statistics.variance(moa) / 2 + statistics.variance(avg) / 2)
+    assert rows["fedmoa"]["Δ global vs fedavg"].startswith(f"{diff:+.3f} ± {se:.3f}")
+    assert rows["fedavg"]["Δ global vs fedavg"] == "reference"
+
+
+def test_load_run_reads_trajectories_from_metrics():
+    run = load_run(RUNS / "fedmoa-s1")
+    records = [json.loads(line) for line in (RUNS / "fedmoa-s1" / "metrics.jsonl").open()]
+    first = next(r for r in records if r["type"] == "client" and r["client"] == "arith-boxed")
+    assert (run.method, run.seed, run.rounds) == ("fedmoa", 1, 3)
+    assert run.clients == {
+        "arith-boxed": "arithmetic",
+        "arith-strict": "arithmetic",
+        "chain": "chain",
+    }
+    assert run.primary["arith-strict"] == "digits"
+    assert set(run.weights["arith-boxed"]) == {"letters", "accuracy", "digits"}
+    assert run.weights["arith-boxed"]["letters"][1] == first["weights/letters"]
+    assert run.rewards["arith-boxed"]["digits"][1] == first["rewards/digits/mean"]
+    assert sorted(run.global_accuracy) == [1, 2, 3]
+    assert set(run.client_accuracy) == set(run.clients)
+    assert set(run.task_accuracy) == {"arithmetic", "chain"}
+    rounds = [r for r in records if r["type"] == "round"]
+    assert run.bytes_up == {r["round"]: r["bytes_up"] for r in rounds}
+
+
+def test_stat_and_delta():
+    assert Stat.of([]).fmt() == "-"
+    one = Stat.of([0.5, math.nan])
+    assert (one.n, one.fmt()) == (1, "0.500")
+    two = Stat.of([0.25, 0.75])
+    assert two.fmt() == f"0.500 ± {statistics.stdev([0.25, 0.75]):.3f}"
+    assert delta(two, one).fmt() == "+0.000 (no spread)"
+    assert "within noise" in delta(two, Stat.of([0.5, 0.6])).fmt()
+
+
+def test_single_run(tmp_path):
+    result = run_cli("report", RUNS / "fedmoa-s0", "-o", tmp_path)
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report.md").read_text()
+    row = table_rows(markdown)["fedmoa"]
+    summary = json.loads((RUNS / "fedmoa-s0" / "summary.json").read_text())
+    assert row["seeds"] == "1 (0)"
+    assert row["final global acc"] == f"{summary['final_eval']['global/accuracy']:.3f}"
+    assert "Δ global vs fedavg" not in row and "No fedavg run" in markdown
+    assert (tmp_path / "weights-fedmoa.png").is_file()
+
+
+def test_default_output_and_config_fallbacks(tmp_path):
+    """report/ lands next to the runs; without resolved_config.json the TOML (or, without
+    any config, summary.json) names the method."""
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    shutil.copytree(RUNS / "fedavg-s1", a)
+    shutil.copytree(RUNS / "fedmoa-s1", b)
+    (a / "resolved_config.json").unlink()
+    (b / "resolved_config.json").unlink()
+    (b / "config.toml").unlink()
+    assert (load_run(a).method, load_run(a).seed) == ("fedavg", 1)
+    assert load_run(b).method == "fedmoa"
+    report = write_report([a, b])
+    assert report.output == tmp_path / "runs" / "report"
+    assert report.markdown.is_file()
+    assert [s.method for s in summarize(report.runs)] == ["fedavg", "fedmoa"]
+
+
+def test_text_is_escaped_in_html(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "fedmoa-s0", run)
+    config = json.loads((run / "resolved_config.json").read_text())
+    config["server"]["method"] = "<b>x&y</b>"
+    (run / "resolved_config.json").write_text(json.dumps(config))
+    report = write_report([run], tmp_path / "out")
+    page = report.html.read_text()
+    assert "&lt;b&gt;x&amp;y&lt;/b&gt;" in page and "<b>x&y</b>" not in page
+
+
+def assert_one_line_error(result, *expected: str) -> None:
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert "Traceback" not in message
+    assert len(message.splitlines()) == 1, message
+    for text in expected:
+        assert text in message, message
+
+
+def test_missing_run_directory(tmp_path):
+    missing = tmp_path / "absent"
+    assert_one_line_error(run_cli("report", missing), "not found", str(missing))
+
+
+def test_directory_without_metrics(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(
+        run_cli("report", RUNS / "fedmoa-s0", tmp_path / "empty", "-o", tmp_path / "out"),
+        str(tmp_path / "empty" / "metrics.jsonl"),
+    )
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    "bad_line", ['{"type": "client", "round": 2, "client"', "[1, 2]", '{"type": "eval"}']
+)
+def test_malformed_metrics_line(tmp_path, bad_line):
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "fedavg-s0", run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[2] = bad_line
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert_one_line_error(
+        run_cli("report", run, "-o", tmp_path / "out"), f"{run / 'metrics.jsonl'}:3"
+    )
+
+
+def test_malformed_summary(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "fedavg-s0", run)
+    (run / "summary.json").write_text("{")
+    assert_one_line_error(run_cli("report", run), str(run / "summary.json"))
