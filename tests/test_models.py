@@ -444,3 +444,30 @@ def test_default_model_loads_generates_and_caches(
     print(f"cached load of {DEFAULT_MODEL}: {elapsed:.2f} s")
     assert Path(again.name_or_path) == cached
     assert elapsed < 5.0
+
+
+def test_attention_auto_is_sdpa_on_cpu_and_flash_needs_cuda():
+    from fedmoa.models import resolve_attention
+
+    cpu = torch.device("cpu")
+    assert resolve_attention("auto", cpu, torch.bfloat16) == "sdpa"
+    assert resolve_attention("eager", cpu, torch.float32) == "eager"
+    with pytest.raises(ModelLoadError, match=r"flash_attention_2.*CUDA"):
+        resolve_attention("flash_attention_2", cpu, torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="unknown attention 'fast'"):
+        resolve_attention("fast", cpu, torch.float32)
+
+
+def test_attention_choice_reaches_the_model_and_keeps_its_outputs():
+    eager, tokenizer = load_model_and_tokenizer(
+        "tiny-random-qwen2", dtype="fp32", attention="eager"
+    )
+    sdpa, _ = load_model_and_tokenizer("tiny-random-qwen2", dtype="fp32")
+    assert eager.config._attn_implementation == "eager"
+    assert sdpa.config._attn_implementation == "sdpa"
+    batch = tokenizer(["Calculate 2 + 3.", "Hi"], return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()  # padded positions attend to nothing: undefined
+    with torch.no_grad():
+        torch.testing.assert_close(
+            eager(**batch).logits[real], sdpa(**batch).logits[real], atol=1e-4, rtol=1e-4
+        )

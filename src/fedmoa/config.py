@@ -29,7 +29,8 @@ class ModelConfig:
 
     name: str = DEFAULT_MODEL  # "smollm2-135m", a hub id, a local HF dir or a .gguf file
     dtype: str = "auto"
-    device: str = "auto"
+    device: str = "auto"  # CUDA when present, else CPU
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
 
 @dataclass(config=STRICT)

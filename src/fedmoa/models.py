@@ -164,11 +164,38 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> peft.PeftMode
         ) from err
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def resolve_attention(attention: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``"auto"``: FlashAttention-2 on CUDA when ``flash-attn`` is installed and the dtype is
+    half precision (its kernels need it), otherwise PyTorch's SDPA, which picks fused
+    flash/memory-efficient kernels by itself where the hardware has them."""
+    flash_ready = (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and importlib.util.find_spec("flash_attn") is not None
+    )
+    if attention == "auto":
+        return "flash_attention_2" if flash_ready else "sdpa"
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ModelLoadError(
+            f"unknown attention {attention!r}: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if attention == "flash_attention_2" and not flash_ready:
+        raise ModelLoadError(
+            "attention 'flash_attention_2' needs a CUDA device, bf16/fp16 and the flash-attn "
+            "package; use 'auto' or 'sdpa'"
+        )
+    return attention
+
+
 def load_model_and_tokenizer(
     spec: str,
     *,
     dtype: str = "auto",
     device: str = "auto",
+    attention: str = "auto",
     cache_dir: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from ``spec`` (see the module docstring).
@@ -193,6 +220,14 @@ def load_model_and_tokenizer(
 
     _prepare_tokenizer(tokenizer, spec)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    implementation = resolve_attention(attention, torch_device, torch_dtype)
+    if model.config._attn_implementation != implementation:
+        try:
+            model.set_attn_implementation(implementation)
+        except (ImportError, ValueError) as err:  # architecture without that kernel
+            if attention != "auto":
+                raise ModelLoadError(f"attention {attention!r}: {_first_line(err)}") from err
+            logger.info("keeping %s attention: %s", model.config._attn_implementation, err)
     return model.to(torch_device), tokenizer
 
 

@@ -56,7 +56,10 @@ def build_local_trainer(cfg: TrainLocalConfig) -> LocalTrainer:
     rows = load_rows(cfg.data)
     seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        attention=cfg.model.attention,
     )
     policy = attach_lora(model, lora_settings(cfg))
     return LocalTrainer(

@@ -201,7 +201,9 @@ def load_policy(model: ModelConfig, adapter: str | Path | None = None) -> tuple[
     path = adapter_dir(adapter) if adapter is not None else None
     from fedmoa.models import load_model_and_tokenizer
 
-    base, tokenizer = load_model_and_tokenizer(model.name, dtype=model.dtype, device=model.device)
+    base, tokenizer = load_model_and_tokenizer(
+        model.name, dtype=model.dtype, device=model.device, attention=model.attention
+    )
     if path is None:
         return base, tokenizer
     import peft

@@ -44,7 +44,10 @@ ClientCallback = Callable[[dict[str, Any]], None]
 def build_policy(cfg: ExperimentConfig) -> tuple[Any, Any, Adapter]:
     """Base model + LoRA initialised from the seed; the same on every engine."""
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        attention=cfg.model.attention,
     )
     seed_everything(cfg.seed)
     policy = attach_lora(model, lora_settings(cfg))

@@ -68,6 +68,7 @@ from fedmoa.federation.embedded import (
     failed_client_record,
 )
 from fedmoa.federation.server import RoundPlan
+from fedmoa.models import resolve_device
 from fedmoa.rewards import RewardFunc
 from fedmoa.runs import RunDirectory
 
@@ -615,6 +616,13 @@ def flower_environment(flwr_home: Path) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def client_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """Ray resources per SuperNode: one CPU, and a whole GPU when the model runs on CUDA (one
+    client per GPU at a time, so two actors never hold two model copies on one device)."""
+    on_gpu = resolve_device(cfg.model.device).type == "cuda"
+    return {"num_cpus": 1, "num_gpus": 1.0 if on_gpu else 0.0}
+
+
 def run_simulation(
     experiment: str | Path,
     run_dir: str | Path,
@@ -645,7 +653,7 @@ def run_simulation(
             server_app=build_server_app(run_config, on_round, summaries.append),
             client_app=build_client_app(run_config),
             num_supernodes=len(cfg.clients),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            backend_config={"client_resources": client_resources(cfg)},
             verbose_logging=verbose,
         )
     if not summaries:
