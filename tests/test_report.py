@@ -222,7 +222,7 @@ def test_malformed_metrics_line(tmp_path, bad_line):
     lines[2] = bad_line
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     assert_one_line_error(
-        run_cli("report", run, "-o", tmp_path / "out"), f"{run / 'metrics.jsonl'}:3"
+        run_cli("report", run, "-o", tmp_path / "out"), f"{run / 'metrics.jsonl'} line 3"
     )
 
 

@@ -8,10 +8,9 @@ read, e.g. ``"answer"`` (gold answer as a string) or ``"test_list"``. New source
 from __future__ import annotations
 
 import difflib
-import gzip
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fedmoa.data.partition import partition_rows
 from fedmoa.data.prompts import as_messages, build_prompt
 from fedmoa.errors import DataError
+from fedmoa.jsonl import iter_jsonl
 
 if TYPE_CHECKING:
     from fedmoa.data.config import DataConfig
@@ -98,29 +98,10 @@ def _load_jsonl(cfg: DataConfig) -> list[Row]:
     """JSON Lines (optionally ``.gz``); blank lines are skipped, errors name the line."""
     path = _data_file(cfg)
     try:
-        records = list(islice(_jsonl_records(path), cfg.size))
+        records = list(islice(iter_jsonl(path), cfg.size))
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {_one_line(exc)}") from exc
     return [_to_row(record, cfg, f"{path} line {lineno}") for lineno, record in records]
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path} line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}"
-                )
-            yield lineno, record
 
 
 @register_source("parquet")

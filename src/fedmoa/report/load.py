@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoa.errors import DataError
+from fedmoa.jsonl import iter_jsonl
 
 # client id -> objective -> round -> value
 Trajectories = dict[str, dict[str, dict[int, float]]]
@@ -81,7 +82,7 @@ def load_run(path: str | Path) -> RunRecord:
     run = RunRecord(path=path, method=method, seed=seed, rounds=0, primary=primary)
     run.clients.update(clients)
     for lineno, record in records:
-        where = f"{metrics_path}:{lineno}"
+        where = f"{metrics_path} line {lineno}"
         kind = record.get("type")
         if kind not in ("client", "round", "eval"):
             continue  # a record type this report does not use
@@ -110,21 +111,9 @@ def load_run(path: str | Path) -> RunRecord:
 def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for each non-blank line; a bad line names file and line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+        return list(iter_jsonl(path))
+    except (OSError, EOFError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read: {err}") from None
-    out = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        out.append((lineno, record))
-    return out
 
 
 def _add_client(run: RunRecord, record: dict[str, Any], server_round: int, where: str) -> None:
