@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from tests.test_data import data_error
 
 from fedmoa.data import (
     CODE_SYSTEM_PROMPT,
@@ -52,14 +53,6 @@ def every() -> dict[str, list[Row]]:
 
 def sample(rows: list[Row], k: int, seed: int = 0) -> list[Row]:
     return random.Random(seed).sample(rows, k)
-
-
-def data_error(cfg: DataConfig) -> str:
-    with pytest.raises(DataError) as info:
-        load_rows(cfg)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 # ------------------------------------------------------------------------------------ loaders
