@@ -12,11 +12,24 @@ from fedmoa.rewards.format import format_reward
 from fedmoa.rewards.length import length_reward
 from fedmoa.rewards.loading import BUILTIN_REWARDS, load_reward_function
 from fedmoa.rewards.math_reward import math_accuracy
+from fedmoa.rewards.sandbox import (
+    ExecutionResult,
+    Outcome,
+    Program,
+    SandboxLimits,
+    network_isolation,
+    run_many,
+    run_program,
+)
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "ExecutionResult",
+    "Outcome",
+    "Program",
     "RewardFunc",
     "RunResult",
+    "SandboxLimits",
     "code_execution",
     "completion_text",
     "compute_rewards",
@@ -25,5 +38,8 @@ __all__ = [
     "length_reward",
     "load_reward_function",
     "math_accuracy",
+    "network_isolation",
+    "run_many",
+    "run_program",
     "run_python",
 ]

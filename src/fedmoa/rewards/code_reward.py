@@ -1,46 +1,31 @@
-"""Code reward: 1.0 when the completion's code passes the sample's tests in a separate process.
+"""Code reward: 1.0 when the completion's code passes the sample's tests in the sandbox.
 
 Two test formats: MBPP's ``test_list`` (assert statements, with optional ``test_setup_code``) and
 HumanEval's ``test`` (a ``check(candidate)`` function) with ``entry_point`` and ``code_prompt``.
 
-Generated code is untrusted, so it never runs in the trainer's process. ``run_python`` is the one
-place that launches it; a hardened sandbox can replace that function without touching the rest.
+Generated code is untrusted, so it never runs in the trainer's process: every sample runs in
+``fedmoa.rewards.sandbox`` (own uid, process group, namespaces, rlimits, wall clock; see
+``docs/sandbox.md``). ``run_python`` is kept as a small wrapper for running one plain program.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import ast
+import builtins
+import logging
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedmoa.errors import RewardError
+from fedmoa.errors import ConfigError, RewardError
 from fedmoa.rewards.base import Completion, completion_text
+from fedmoa.rewards.sandbox import Outcome, Program, SandboxLimits, run_many, run_program
+
+logger = logging.getLogger(__name__)
 
 _FENCE = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
-_Job = tuple[str, str, list[str]]  # code, setup code, tests
-_MEMORY_BYTES = 1 << 30
-_OUTPUT_BYTES = 16 << 20
-
-# Runs in the child before the solution: resource limits (set here rather than in preexec_fn, which
-# the subprocess docs call unsafe in threaded programs), then the source from stdin as __main__.
-_LAUNCHER = """\
-import resource
-for limit, value in ((resource.RLIMIT_CPU, {cpu}), (resource.RLIMIT_AS, {memory}),
-                     (resource.RLIMIT_FSIZE, {output}), (resource.RLIMIT_CORE, 0)):
-    resource.setrlimit(limit, (value, value))
-del resource, limit, value
-exec(compile(__import__("sys").stdin.read(), "<solution>", "exec"), globals())
-"""
+_BUILTINS = frozenset(dir(builtins))
 
 
 @dataclass(frozen=True)
@@ -62,6 +47,7 @@ def code_execution(
     code_prompt: Sequence[str | None] | None = None,
     timeout: float = 5.0,
     max_workers: int = 4,
+    limits: Mapping[str, Any] | SandboxLimits | None = None,
     **kwargs: Any,
 ) -> list[float | None]:
     """1.0 if the extracted code passes the sample's tests, else 0.0; None without tests.
@@ -74,10 +60,22 @@ def code_execution(
     a completion that writes the whole function redefines it while still getting the imports and
     helper functions it may have left out (``List`` in an annotation would otherwise fail).
 
-    After the tests the program prints a random nonce, and a pass requires it on stdout, so a
-    solution that exits early (``sys.exit(0)``) fails. Samples run in parallel on ``max_workers``
-    threads, each in its own process with a ``timeout`` in seconds.
+    A sample scores 1.0 only when the sandbox reports ``passed``: the tests ran to the end, after
+    which the sandbox's launcher (not the program) writes a random nonce to the real stdout, so a
+    solution that exits early (``sys.exit(0)``) or patches ``print``/``check``/builtins fails.
+    Samples run in parallel, at most ``max_workers`` at a time. ``timeout`` is the wall clock in
+    seconds (the CPU limit is one more, rounded up); ``limits`` overrides any
+    ``SandboxLimits`` field, e.g. ``{"memory_bytes": 536870912, "processes": 4}``. A run that
+    times out, crashes or hits a sandbox error scores 0.0; sandbox errors are logged.
     """
+    try:
+        sandbox_limits = (
+            limits
+            if isinstance(limits, SandboxLimits)
+            else SandboxLimits.for_timeout(timeout).updated(limits or {})
+        )
+    except ConfigError as exc:
+        raise RewardError(f"code_execution: {exc}") from exc
     n = len(completions)
     columns = {
         "test_list": test_list,
@@ -101,22 +99,24 @@ def code_execution(
         )
     }
     scores: list[float | None] = [None] * n
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(jobs)))) as pool:
-        results = pool.map(lambda job: _passes(*job, timeout=timeout), jobs.values())
-        for row, passed in zip(jobs, results, strict=True):
-            scores[row] = float(passed)
+    results = run_many(list(jobs.values()), sandbox_limits, max_workers)
+    for row, result in zip(jobs, results, strict=True):
+        if result.outcome is Outcome.SANDBOX_ERROR:
+            logger.warning("code_execution: sample %d: sandbox error: %s", row, result.detail)
+        scores[row] = 1.0 if result.passed else 0.0
     return scores
 
 
-def _job(row: int, completion: Completion, sample: dict[str, Any]) -> _Job | None:
-    """(code, setup, tests) for one sample, or None when it has no tests."""
+def _job(row: int, completion: Completion, sample: dict[str, Any]) -> Program | None:
+    """The program (the code) and its tests for one sample, or None when it has no tests.
+
+    The tests run after the code, in its namespace, so a completion cannot pre-empt them by
+    defining ``check``; they see the builtins as before the code ran."""
     code = extract_code(completion_text(completion))
     if (tests := sample["test_list"]) is not None:
-        return (
-            code,
-            sample["test_setup_code"] or "",
-            [tests] if isinstance(tests, str) else list(tests),
-        )
+        lines = [tests] if isinstance(tests, str) else list(tests)
+        setup = sample["test_setup_code"] or ""
+        return Program(code, "\n".join([setup, *lines, ""]), _tested_names(lines))
     if (check := sample["test"]) is None:
         return None
     entry = sample["entry_point"]
@@ -126,7 +126,35 @@ def _job(row: int, completion: Completion, sample: dict[str, Any]) -> _Job | Non
             "not a function name"
         )
     stub = sample["code_prompt"] or ""
-    return f"{stub}\n{code}" if stub else code, "", [check, f"check({entry})"]
+    return Program(f"{stub}\n{code}" if stub else code, f"{check}\ncheck({entry})\n", (entry,))
+
+
+def _tested_names(tests: list[str]) -> tuple[str, ...]:
+    """Functions under test named like a builtin (MBPP has a ``sum``): the callee on the left of
+    each ``assert f(...) == ...``, looking inside builtin wrappers (``set(f(...))``)."""
+    names = set()
+    for text in tests:
+        try:
+            statements = ast.parse(text).body
+        except SyntaxError:
+            continue
+        for node in statements:
+            if not isinstance(node, ast.Assert):
+                continue
+            expr = node.test
+            if isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.Not):
+                expr = expr.operand
+            if isinstance(expr, ast.Compare):
+                expr = expr.left
+            while isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name):
+                inner = [a for a in expr.args if isinstance(a, ast.Call)]
+                if expr.func.id in _BUILTINS and inner:
+                    expr = inner[0]
+                    continue
+                if expr.func.id in _BUILTINS:
+                    names.add(expr.func.id)
+                break
+    return tuple(sorted(names))
 
 
 def extract_code(text: str) -> str:
@@ -135,43 +163,12 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-def _passes(code: str, setup: str, tests: list[str], *, timeout: float) -> bool:
-    nonce = secrets.token_hex(16)
-    source = "\n".join([code, setup, *tests, f"print({nonce!r})", ""])
-    result = run_python(source, timeout)
-    return result.returncode == 0 and result.stdout.endswith(f"{nonce}\n")
-
-
 def run_python(source: str, timeout: float) -> RunResult:
-    """Runs ``source`` in a separate, resource-limited Python process: the swap point for a sandbox.
-
-    A fresh ``python -I`` with an empty environment, in a new temporary directory and session, under
-    CPU, address-space, file-size and core limits; its process group is killed at ``timeout``
-    seconds. Only stdout is kept, in an unlinked file that the file-size limit bounds.
-    """
-    launcher = _LAUNCHER.format(
-        cpu=math.ceil(timeout) + 1, memory=_MEMORY_BYTES, output=_OUTPUT_BYTES
-    )
-    with (
-        tempfile.TemporaryDirectory(prefix="fedmoa-code-", ignore_cleanup_errors=True) as workdir,
-        tempfile.TemporaryFile() as stdout,
-        subprocess.Popen(
-            [sys.executable, "-I", "-c", launcher],
-            cwd=workdir,
-            env={},
-            stdin=subprocess.PIPE,
-            stdout=stdout,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        ) as proc,
-    ):
-        try:
-            proc.communicate(source.encode(), timeout=timeout)
-            returncode: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
-        finally:  # also ends anything the program left running in its session
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        stdout.seek(0)
-        return RunResult(returncode, stdout.read().decode(errors="replace"))
+    """Runs one plain program in the sandbox with the limits for ``timeout`` (see
+    ``SandboxLimits.for_timeout``); ``returncode`` is None on a timeout, minus the signal number
+    when a signal ended it."""
+    result = run_program(source, SandboxLimits.for_timeout(timeout))
+    if result.outcome is Outcome.TIMEOUT:
+        return RunResult(None, result.stdout)
+    code = result.returncode if result.signal is None else -result.signal
+    return RunResult(code, result.stdout)
