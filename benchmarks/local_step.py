@@ -36,19 +36,18 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import finish, report_header, start
 from transformers import LogitsProcessorList
 
 from fedmoa.data import DataConfig, load_rows
@@ -252,37 +251,48 @@ class StepClock:
 
 
 def build_trl_trainer(
-    policy_base: Any, tokenizer: Any, rows: Sequence[Row], args: argparse.Namespace, out: Path
+    policy_base: Any,
+    tokenizer: Any,
+    rows: Sequence[Row],
+    args: argparse.Namespace,
+    out: Path,
+    reward_funcs: Sequence[RewardFunc] | None = None,
+    **overrides: Any,
 ) -> Any:
     """A ``trl.GRPOTrainer`` on the CPU with our LoRA settings; it wraps ``policy_base`` itself.
 
     ``gradient_checkpointing`` is off (TRL turns it on by default) because fedmoa's step does not
-    checkpoint; TRL disables it during generation anyway.
+    checkpoint; TRL disables it during generation anyway. Without ``reward_funcs`` it scores every
+    completion 0 (enough for generation) and sees only the prompts; ``overrides`` are further
+    ``GRPOConfig`` fields (``benchmarks/memory_vs_trl.py`` sets ``beta``, ``max_steps``, ...).
     """
     import datasets
     import trl
     from peft import LoraConfig
 
     lora = LoraSettings()
-    config = trl.GRPOConfig(
-        output_dir=str(out),
-        use_cpu=True,
-        bf16=policy_base.dtype == torch.bfloat16,
-        per_device_train_batch_size=args.batch_size * args.group_size,
-        num_generations=args.group_size,
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        gradient_checkpointing=False,
-        report_to="none",
-        use_vllm=False,
-        logging_steps=1,
-    )
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "use_cpu": True,
+        "bf16": policy_base.dtype == torch.bfloat16,
+        "per_device_train_batch_size": args.batch_size * args.group_size,
+        "num_generations": args.group_size,
+        "max_completion_length": args.max_new_tokens,
+        "temperature": 1.0,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "use_vllm": False,
+        "logging_steps": 1,
+    }
+    if reward_funcs is None:
+        reward_funcs = [lambda prompts, completions, **_: [0.0] * len(completions)]
+        rows = [{"prompt": r["prompt"]} for r in rows]
     return trl.GRPOTrainer(
         model=policy_base,
         processing_class=tokenizer,
-        reward_funcs=[lambda prompts, completions, **_: [0.0] * len(completions)],
-        args=config,
-        train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
+        reward_funcs=list(reward_funcs),
+        args=trl.GRPOConfig(**(settings | overrides)),
+        train_dataset=datasets.Dataset.from_list(list(rows)),
         peft_config=LoraConfig(
             task_type="CAUSAL_LM",
             r=lora.r,
@@ -668,12 +678,7 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
     m = results["machine"]
     gen, step, mem = results["generation"], results["step"], results["memory"]
     lines = [
-        "== fedmoa local GRPO step benchmark ==",
-        f"command: {shlex.join([Path(sys.executable).name, *argv])}",
-        f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-        f"native bf16: {m['cpu_native_bf16']}",
-        f"software: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"trl {m['trl']}, peft {m['peft']}",
+        *report_header("fedmoa local GRPO step benchmark", argv, m),
         f"model: {args.model}, dtype {m['dtype']}, B={args.batch_size}, G={args.group_size} "
         f"({gen['sequences']} sequences), max_new_tokens={args.max_new_tokens}, padded prompt "
         f"{gen['prompt_tokens_padded']} tokens, repeats={args.repeats}",
@@ -748,25 +753,17 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    argv, args = start(argv, parse_args)
     if args.child:
         child_main(args)
         return 0
-    results: dict[str, Any] = {"args": vars(args) | {"json": str(args.json)}}
+    results: dict[str, Any] = {}
     # Memory first: the children are measured before this process grows.
     results["memory"] = bench_memory(args)
     results["machine"] = machine_info(args)
     results["generation"] = bench_generation(args)
     results["step"] = bench_step(args)
-    print(format_report(args, [str(Path(sys.argv[0])), *argv], results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    return finish(args, argv, results, format_report)
 
 
 if __name__ == "__main__":

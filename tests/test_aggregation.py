@@ -226,6 +226,28 @@ CORRUPTIONS: dict[str, tuple[Callable[[], ClientUpdate], str]] = {
     "num_examples -3": (lambda: update("mallory", n=-3), "num_examples"),
     "num_examples 2.5": (lambda: update("mallory", n=2.5), "num_examples"),  # type: ignore[arg-type]
     "empty task": (lambda: update("mallory", task=""), "task"),
+    # No silent casts: only the reference dtype (the transport dtype) is accepted.
+    "dtype float16": (
+        lambda: update("mallory", delta=make_adapter(3, 0.1, dtype=torch.float16)),
+        "dtype",
+    ),
+    "dtype int32": (
+        lambda: update("mallory", delta={A: torch.zeros(2, 5, dtype=torch.int32), B: CURRENT[B]}),
+        "dtype",
+    ),
+    "accuracy missing": (lambda: update("mallory", acc=None), "accuracy is missing"),  # type: ignore[arg-type]
+    "metric inf": (
+        lambda: dataclasses.replace(update("mallory"), metrics={"loss": math.inf}),
+        "not finite",
+    ),
+    "metric nan": (
+        lambda: dataclasses.replace(update("mallory"), metrics={"loss": math.nan}),
+        "not finite",
+    ),
+    "metric not a number": (
+        lambda: dataclasses.replace(update("mallory"), metrics={"loss": "low"}),
+        "not a number",
+    ),
 }
 GOOD = [
     update("alice", "math", 10, 0.9),

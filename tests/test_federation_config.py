@@ -91,10 +91,11 @@ def test_heterogeneous_clients_with_merged_defaults(tmp_path):
         (
             '{ name = "boxed", function = "format", weight = 0.1 }',
             '{ name = "boxed", function = "format", weight = 0.1, role = "primary" }',
-            "clients[1]: exactly one reward must have role = 'primary' (found: correct, boxed)",
+            "clients[1].rewards: exactly one reward must have role = 'primary' (found: correct, boxed)",
         ),
         ("weight = 2.0", 'weight = "heavy"', "clients[1].rewards[1].weight"),
-        ("local_steps = 2", "local_steps = -1", "clients[0].local_steps"),
+        # A bad value from [client_defaults] is reported there, naming the first client it reached.
+        ("local_steps = 2", "local_steps = -1", "client_defaults.local_steps (in clients[0])"),
     ],
 )
 def test_errors_name_the_field_path(tmp_path, old, new, expected):

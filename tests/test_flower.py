@@ -42,7 +42,8 @@ from test_embedded import run_embedded, write_experiment
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "examples" / "flower_app"
 BIN = Path(sys.executable).parent
-TIMINGS = {"seconds", "step_time"}  # wall-clock fields: the only ones allowed to differ
+# Wall-clock fields, the only ones allowed to differ: these and every "timing/..." phase time.
+TIMINGS = {"seconds", "step_time"}
 
 
 def reap_session(process: subprocess.Popen, grace: float = 60) -> list[int]:
@@ -77,7 +78,10 @@ def adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def without_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+    return [
+        {k: v for k, v in r.items() if k not in TIMINGS and not k.startswith("timing/")}
+        for r in records
+    ]
 
 
 def files(run: Path) -> set[str]:

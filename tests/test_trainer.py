@@ -195,3 +195,37 @@ def test_rollout_samples_with_only_the_configured_warpers(monkeypatch):
     seen.clear()
     generate_rollouts(policy, tokenizer, PROMPTS[:1], SamplingSettings(group_size=2, top_k=5))
     assert "TopKLogitsWarper" in seen
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    """Same losses, alignments and adapter with activations recomputed in backward."""
+    from fedmoa.weighting.hypergradient import HypergradientWeighting
+
+    def length(prompts, completions, **kwargs):
+        return [-abs(len(c[0]["content"]) - 5) / 10 for c in completions]
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy, tokenizer = tiny_policy()
+        weighting = HypergradientWeighting.for_model(policy, ["a", "b"], "a", [1.0, 0.5])
+        rows = [{"prompt": [{"role": "user", "content": f"Q {i}"}]} for i in range(4)]
+        settings = GRPOSettings(
+            batch_size=2,
+            group_size=4,
+            max_new_tokens=6,
+            lr=1e-2,
+            beta=0.04,
+            gradient_checkpointing=checkpointing,
+        )
+        funcs = [("a", closeness_to_seven), ("b", length)]
+        trainer = LocalTrainer(policy, tokenizer, rows, funcs, weighting, settings, seed=0)
+        history = trainer.train(3)
+        assert policy.is_gradient_checkpointing == checkpointing
+        assert weighting.last_path == "per_sample"
+        adapter = {k: v.detach().clone() for k, v in policy.named_parameters() if v.requires_grad}
+        results.append(([x for m in history for x in (m["loss"], m["alignment/b"])], adapter))
+    (history_off, adapter_off), (history_on, adapter_on) = results
+    assert history_off == pytest.approx(history_on, abs=1e-6)
+    for name, tensor in adapter_off.items():
+        torch.testing.assert_close(tensor, adapter_on[name], atol=1e-6, rtol=0)

@@ -36,7 +36,10 @@ def _root() -> None:
 
 def fail(err: FedMOAError) -> None:
     """User errors: one red line, no traceback, exit status 2."""
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # "[[clients]]" in a message is text, not markup
+
+    message = " ".join(str(err).split())  # one line, even when it quotes a value with newlines
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -123,7 +126,11 @@ def run(
         started = time.perf_counter()
         cfg = load_experiment(config)
         if device is not None:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
+            from fedmoa.config import ModelConfig, parse_config
+
+            model = {**dataclasses.asdict(cfg.model), "device": device}
+            checked = parse_config(model, ModelConfig, "command line", locate=lambda _: "--device")
+            cfg = dataclasses.replace(cfg, model=checked)
         if engine == "flower":
             if device is not None:
                 raise FedMOAError(

@@ -6,18 +6,27 @@ files and turns validation failures into ``ConfigError("file: a.b[2].c: why")``.
 
 from __future__ import annotations
 
+import json
 import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+import torch
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from fedmoa.data import DataConfig
-from fedmoa.errors import ConfigError
+from fedmoa.errors import ConfigError, ModelLoadError
 from fedmoa.grpo.trainer import GRPOSettings
-from fedmoa.models import DEFAULT_MODEL
+from fedmoa.models import DEFAULT_MODEL, resolve_dtype
 
 STRICT = ConfigDict(extra="forbid")
 T = TypeVar("T")
@@ -32,6 +41,30 @@ class ModelConfig:
     device: str = "auto"  # CUDA when present, else CPU
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
 
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                resolve_dtype(value)
+            except ModelLoadError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _parsable_device(cls, value: str) -> str:
+        """Only the spelling is checked here: a config may be written for another machine, so
+        whether the device exists is checked when the model loads."""
+        if value != "auto":
+            try:
+                torch.device(value)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"invalid device {value!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+                ) from None
+        return value
+
 
 @dataclass(config=STRICT)
 class LoraConfig:
@@ -45,13 +78,23 @@ class LoraConfig:
 
 @dataclass(config=STRICT)
 class RewardConfig:
-    """One objective: a TRL-style reward function with a role and an initial weight."""
+    """One objective: a TRL-style reward function with a role and an initial weight.
+
+    ``on_error`` is what a failing call does (see ``fedmoa.rewards.base.compute_rewards``):
+    ``"raise"`` stops the run with a ``RewardError`` naming the function and sample; ``"none"``
+    scores the failed call (or just the bad samples) None, "not applicable", logs a warning and
+    goes on. ``timeout``: seconds one call may take (None: no limit); a call past it counts as
+    failed. The call then runs in a worker thread that cannot be killed, so a function that
+    truly hangs keeps its thread until the process ends.
+    """
 
     name: str
     function: str  # built-in name, "module:function" or "path.py:function"
     role: Literal["primary", "auxiliary"] = "auxiliary"
     weight: float = Field(1.0, ge=0, allow_inf_nan=False)
     params: dict[str, Any] = field(default_factory=dict)
+    on_error: Literal["raise", "none"] = "raise"
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
 @dataclass(config=STRICT)
@@ -103,28 +146,50 @@ class TrainLocalConfig:
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
-    @model_validator(mode="after")
-    def _rewards_valid(self) -> TrainLocalConfig:
-        check_rewards(self.rewards)
-        return self
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_valid(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
+        return check_rewards(rewards)  # as a field check, so errors name ``rewards``
 
     @property
     def primary_reward(self) -> str:
         return next(r.name for r in self.rewards if r.role == "primary")
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """First error as ``a.b[2].c: message`` (+ how many more), on one line."""
-    first = err.errors()[0]
+Location = Sequence[str | int]
+
+
+def field_path(loc: Location) -> str:
+    """A pydantic error location as the TOML field path ``a.b[2].c``.
+
+    Parts that name a member of a union (``list[str]``, ``function-after[...]``) are dropped.
+    """
     path = ""
-    for part in first["loc"]:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" not in part:
+            path += f".{part}" if path else part
+    return path
+
+
+def format_validation_error(
+    err: ValidationError, locate: Callable[[Location], str] = field_path
+) -> str:
+    """First error as ``a.b[2].c: message`` (+ how many more), on one line.
+
+    ``locate`` turns the error's location into the path shown (``load_experiment`` points at
+    ``[client_defaults]`` for a value that came from there).
+    """
+    first = err.errors()[0]
+    path = locate(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         message = "unknown key"
+    message = message.replace("should be an object", "should be a table")  # TOML's word
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     location = f"{path}: " if path else ""
-    return f"{location}{message}{extra}".replace("\n", " ")
+    return " ".join(f"{location}{message}{extra}".split())
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -136,17 +201,38 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: invalid TOML: not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
 
 
-def parse_config(data: dict[str, Any], schema: type[T], source: str = "config") -> T:
+def parse_config(
+    data: dict[str, Any],
+    schema: type[T],
+    source: str = "config",
+    *,
+    strict: bool = False,
+    locate: Callable[[Location], str] = field_path,
+) -> T:
+    """Validate ``data`` into ``schema``; a failure is a one-line ``ConfigError``.
+
+    ``strict``: values must already have the field's type, as TOML gives them (an int may stand
+    for a float), so ``rounds = true`` or ``weight = "0.5"`` is an error rather than coerced.
+    Pydantic's strict mode wants dataclass instances for nested sections from Python, but takes
+    objects from JSON, hence the round trip.
+    """
     try:
+        if strict:
+            return TypeAdapter(schema).validate_json(json.dumps(data, default=str), strict=True)
         return TypeAdapter(schema).validate_python(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {format_validation_error(err)}") from None
+        raise ConfigError(f"{source}: {format_validation_error(err, locate)}") from None
 
 
 def load_config(path: str | Path, schema: type[T] = TrainLocalConfig) -> T:  # type: ignore[assignment]
-    """Read and validate a TOML config; every failure is a one-line ``ConfigError``."""
-    return parse_config(read_toml(path), schema, str(path))
+    """Read and validate a TOML config (strictly typed); every failure is a one-line
+    ``ConfigError``."""
+    return parse_config(read_toml(path), schema, str(path), strict=True)

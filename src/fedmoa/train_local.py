@@ -12,10 +12,11 @@ import torch
 
 from fedmoa.config import RewardConfig, TrainLocalConfig
 from fedmoa.data import load_rows
-from fedmoa.errors import ConfigError, RewardError
+from fedmoa.errors import ConfigError, DataError, RewardError
 from fedmoa.grpo.trainer import LocalTrainer
 from fedmoa.models import LoraSettings, attach_lora, load_model_and_tokenizer
 from fedmoa.rewards import RewardFunc, load_reward_function
+from fedmoa.rewards.base import with_policy
 from fedmoa.runs import RunDirectory
 from fedmoa.weighting import RewardWeighting, StaticWeighting
 
@@ -28,13 +29,15 @@ def seed_everything(seed: int) -> None:
 def build_reward_funcs(
     rewards: list[RewardConfig], field: str = "rewards"
 ) -> list[tuple[str, RewardFunc]]:
-    """Load every objective's function; a bad spec names its config field."""
+    """Load every objective's function under its failure policy (``on_error``, ``timeout``);
+    a bad spec names its config field."""
     funcs = []
     for i, reward in enumerate(rewards):
         try:
-            funcs.append((reward.name, load_reward_function(reward.function, reward.params)))
+            func = load_reward_function(reward.function, reward.params)
         except RewardError as err:
             raise ConfigError(f"{field}[{i}].function: {err}") from None
+        funcs.append((reward.name, with_policy(reward.name, func, reward.on_error, reward.timeout)))
     return funcs
 
 
@@ -53,7 +56,10 @@ def lora_settings(cfg: TrainLocalConfig) -> LoraSettings:
 def build_local_trainer(cfg: TrainLocalConfig) -> LocalTrainer:
     """Everything a client needs, from the config; user errors surface as ``FedMOAError``."""
     reward_funcs = build_reward_funcs(cfg.rewards)  # fail fast, before the model loads
-    rows = load_rows(cfg.data)
+    try:
+        rows = load_rows(cfg.data)
+    except DataError as err:
+        raise DataError(f"data: {err}") from err
     seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(
         cfg.model.name,

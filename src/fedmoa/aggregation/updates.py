@@ -19,7 +19,7 @@ import logging
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import TypeGuard
@@ -78,13 +78,20 @@ def sanitize(
     updates: Iterable[ClientUpdate],
     reference: Adapter,
     robust_norm: float | None = None,
+    required_metrics: Collection[str] = (),
 ) -> tuple[list[ClientUpdate], list[Rejection]]:
     """Split updates into usable ones and rejections, logging each rejection.
 
     One bad client (a diverged run, a stale adapter layout, a bug, or an
     attacker) must not poison the global adapter, so anything that cannot be
     averaged safely is dropped instead of raising. ``reference`` (the current
-    global adapter) fixes the expected keys, shapes and dtypes. With
+    global adapter) fixes the expected keys, shapes and dtypes: a tensor must have
+    exactly its reference's dtype (the transport dtype; Flower carries bfloat16 as
+    float32 and casts it back on arrival), so float64, integer or half-precision
+    tensors sent for a float32 adapter are dropped, not silently cast. Metrics must
+    include ``required_metrics`` and be real numbers, never ±inf; NaN is accepted
+    only for reward means (``reward`` and ``reward/...``), where it means that no
+    sample had an applicable reward. With
     ``robust_norm = c``, updates whose L2 norm exceeds ``c ×`` the median norm of
     the otherwise valid updates are dropped too; this needs at least 3 clients
     to ever trigger, since with 2 the median is their mean.
@@ -103,7 +110,9 @@ def sanitize(
         if id_counts[update.client_id] > 1:
             reason: str | None = f"{id_counts[update.client_id]} updates share this client_id"
         else:
-            reason = _invalid_reason(update, reference)
+            reason = _invalid_reason(update, reference) or _metrics_reason(
+                update.metrics, required_metrics
+            )
         if reason is None:
             accepted.append(update)
         else:
@@ -136,9 +145,13 @@ def _is_real(value: object) -> TypeGuard[Real]:
 def _invalid_reason(update: ClientUpdate, reference: Adapter) -> str | None:
     """The first thing wrong with an update, or None if it can be aggregated."""
     n = update.num_examples
+    if n is None:
+        return "num_examples is missing"
     if not isinstance(n, Integral) or isinstance(n, bool) or n <= 0:
         return f"num_examples must be a positive integer, got {n!r}"
     a = update.accuracy
+    if a is None:
+        return "accuracy is missing"
     if not _is_real(a) or not 0.0 <= a <= 1.0:  # NaN fails both comparisons
         return f"accuracy must be in [0, 1], got {a!r}"
     if not isinstance(update.task, str) or not update.task:
@@ -159,6 +172,23 @@ def _invalid_reason(update: ClientUpdate, reference: Adapter) -> str | None:
             return f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}"
         if not bool(torch.isfinite(tensor).all()):
             return f"{name!r} has non-finite values (NaN or inf)"
+    return None
+
+
+def _metrics_reason(metrics: object, required: Collection[str]) -> str | None:
+    """What is wrong with an update's metrics (see :func:`sanitize`), or None."""
+    if not isinstance(metrics, Mapping):
+        return f"metrics must be a mapping, got {type(metrics).__name__}"
+    missing = sorted(set(required) - set(metrics))
+    if missing:
+        return f"missing {len(missing)} metric(s): {_first_names(missing)}"
+    for name, value in metrics.items():
+        if not _is_real(value):
+            return f"metric {name!r} is {value!r}, not a number"
+        if math.isnan(value) and (name == "reward" or str(name).startswith("reward/")):
+            continue  # a reward mean over no applicable sample
+        if not math.isfinite(value):
+            return f"metric {name!r} is {value!r}, not finite"
     return None
 
 

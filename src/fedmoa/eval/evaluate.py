@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedmoa.grpo.rollout import encode_prompts, eos_token_ids
+from fedmoa.grpo.rollout import encode_prompts, eos_token_ids, prompt_budget
 from fedmoa.rewards import RewardFunc, compute_rewards
 
 Row = dict[str, Any]
@@ -64,6 +64,7 @@ def greedy_generate(
     can drive a progress bar without the decoding loop knowing about one.
     """
     device = next(model.parameters()).device
+    budget = prompt_budget(model, max_new_tokens)  # longer prompts keep their end (rollout.py)
     eos = list(eos_token_ids(model, tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     was_training = model.training
@@ -72,7 +73,7 @@ def greedy_generate(
     try:
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
-            encoded = encode_prompts(tokenizer, batch, device)
+            encoded = encode_prompts(tokenizer, batch, device, budget)
             began = time.perf_counter()
             output = model.generate(
                 **encoded,

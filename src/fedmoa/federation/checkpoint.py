@@ -34,14 +34,21 @@ def save_checkpoint(directory: Path, completed_round: int, payload: dict[str, An
 
 
 def latest_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that loads; an unreadable newer one is reported and skipped."""
+    """The newest checkpoint that loads; an unreadable newer one is reported and skipped.
+
+    ``state["skipped"]`` lists the newer files that did not load, each as
+    ``"round-NNNN.pt (Error: message)"``; the caller logs them.
+    """
     candidates = sorted(directory.glob("round-*.pt"), reverse=True)
     errors = []
     for path in candidates:
         try:
             state = torch.load(path, weights_only=False)
+            if not isinstance(state, dict) or not {"completed_round", "rng"} <= state.keys():
+                raise ValueError("not a fedmoa checkpoint")
         except Exception as err:  # a truncated or corrupt file: fall back to the previous one
-            errors.append(f"{path.name}: {type(err).__name__}")
+            message = " ".join(str(err).split())[:200]
+            errors.append(f"{path.name} ({type(err).__name__}: {message})")
             continue
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])

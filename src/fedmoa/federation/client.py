@@ -8,9 +8,10 @@ local GRPO steps, measure validation accuracy, and reply with ``Δθ``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,15 +40,25 @@ class ClientData:
     test: list[Row]
 
 
-def load_client_data(client: ClientConfig) -> ClientData:
-    """The client's private rows, split deterministically into disjoint train/validation/test."""
-    rows = load_rows(client.data)
+def load_client_data(client: ClientConfig, field: str = "data") -> ClientData:
+    """The client's private rows, split deterministically into disjoint train/validation/test.
+
+    Every data error names the client and ``field`` (its config path, e.g. ``clients[2].data``);
+    no rows, an empty partition or an empty train split is an error.
+    """
+    try:
+        rows = load_rows(client.data)
+    except DataError as err:
+        raise DataError(f"client {client.id!r} ({field}): {err}") from err
     split = client.split
     train, validation, test = split_rows(
         rows, (split.train, split.validation, split.test), seed=client.data.seed
     )
     if not train:
-        raise DataError(f"client {client.id!r}: empty train partition ({len(rows)} rows in all)")
+        raise DataError(
+            f"client {client.id!r} ({field}): empty train split: split.train = {split.train} "
+            f"of {len(rows)} rows rounds to 0; load more rows or raise split.train"
+        )
     return ClientData(train, validation, test)
 
 
@@ -73,6 +84,27 @@ def load_adapter(policy: Any, adapter: Adapter) -> None:
 
 def adapter_bytes(adapter: Adapter) -> int:
     return sum(t.numel() * t.element_size() for t in adapter.values())
+
+
+TRANSPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+"""``server.transport_dtype`` values that round adapters; ``"float32"`` sends them as they are."""
+
+
+def through_transport(adapter: Adapter, transport_dtype: str) -> Adapter:
+    """``adapter`` as it arrives after travelling in ``transport_dtype``: each tensor rounded to
+    that dtype and cast back to its own. ``"float32"`` returns ``adapter`` itself, unchanged."""
+    wire = TRANSPORT_DTYPES.get(transport_dtype)
+    if wire is None:
+        return adapter
+    return {k: v.to(wire).to(v.dtype) for k, v in adapter.items()}
+
+
+def transport_bytes(adapter: Adapter, transport_dtype: str) -> int:
+    """Bytes of ``adapter``'s tensors in ``transport_dtype`` (``"float32"``: their own dtypes)."""
+    wire = TRANSPORT_DTYPES.get(transport_dtype)
+    if wire is None:
+        return adapter_bytes(adapter)
+    return sum(t.numel() for t in adapter.values()) * torch.finfo(wire).bits // 8
 
 
 def make_weighting(
@@ -111,6 +143,54 @@ def proximal_term(policy: Any, anchor: Adapter, mu: float) -> Callable[[], torch
     return penalty
 
 
+class ClientTimeout(RuntimeError):
+    """A client's round ran past ``server.round_timeout``; the engine leaves the client out."""
+
+
+class RoundDeadline:
+    """``server.round_timeout`` for one client's round, enforced cooperatively.
+
+    The embedded engine runs clients one after another on one shared model, so a
+    late client cannot be abandoned in a thread: the thread could not be killed and
+    would keep using the model while the next client trains on it. Instead a
+    forward pre-hook checks the deadline before every forward pass of the model
+    (each decoding step of ``generate``, each training forward, validation)
+    and raises :class:`ClientTimeout`, which unwinds the round like any client
+    crash; :meth:`check` is also called at the end of the round. A client stuck
+    *inside* one call (a reward function that never returns) is only caught when
+    that call returns; Flower's ServerApp drops late replies without waiting.
+    """
+
+    def __init__(self, client_id: str, timeout: float | None, started: float | None = None):
+        self.client_id = client_id
+        self.timeout = timeout
+        self.started = time.monotonic() if started is None else started
+
+    def check(self, *_: Any) -> None:
+        if self.timeout is None:
+            return
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.timeout:
+            raise ClientTimeout(
+                f"client {self.client_id!r} still running {elapsed:.1f}s after its round "
+                f"began, past server.round_timeout = {self.timeout:g}s"
+            )
+
+    @contextlib.contextmanager
+    def watch(self, policy: Any) -> Iterator[None]:
+        """Check the deadline before every forward of ``policy`` (a hook on its input
+        embeddings, which every forward runs, whatever calls it: ``generate``, PEFT's
+        ``forward``, the reference pass)."""
+        if self.timeout is None:
+            yield
+            return
+        handle = policy.get_input_embeddings().register_forward_pre_hook(self.check)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
 @dataclass
 class ClientRoundResult:
     update: ClientUpdate
@@ -134,43 +214,54 @@ def run_client_round(
     hypergradient: HypergradientConfig,
     seed: int,
     server_round: int,
+    started: float | None = None,
 ) -> ClientRoundResult:
-    """One round of local GRPO for ``client`` starting from ``start``; pure in its inputs."""
-    torch.manual_seed(stable_seed(seed, client.id, server_round))
-    load_adapter(policy, start)
-    weighting = make_weighting(method, client, hypergradient, policy)
-    trainer = LocalTrainer(
-        policy,
-        tokenizer,
-        data.train,
-        reward_funcs,
-        weighting,
-        client.grpo,
-        seed=stable_seed(seed, client.id, "prompts"),
-        regularizer=proximal_term(policy, start, server.fedprox_mu)
-        if method == "fedprox"
-        else None,
-    )
-    if state:
-        weighting.load_state_dict(state["weighting"])
-        trainer.sampler.load_state_dict(state["sampler"])
-    weighting.begin_round()
-    try:
-        history = trainer.train(client.local_steps)
-    finally:
-        if isinstance(weighting, HypergradientWeighting):
-            weighting.remove_hooks()  # the model is shared with the next client
+    """One round of local GRPO for ``client`` starting from ``start``; pure in its inputs.
 
-    validation = data.validation[: server.validation_prompts]
-    primary = client.primary_reward
-    max_new = server.eval_max_new_tokens or client.grpo.max_new_tokens
-    began = time.perf_counter()
-    result = evaluate_rows(policy, tokenizer, validation, reward_funcs, primary, max_new)
-    validation_seconds = time.perf_counter() - began
+    With ``server.round_timeout`` set, the round raises :class:`ClientTimeout` at the first
+    model forward (or at the end) after ``started + round_timeout`` (``started``: a
+    ``time.monotonic()`` value, default now); see :class:`RoundDeadline`.
+    """
+    deadline = RoundDeadline(client.id, server.round_timeout, started)
+    with deadline.watch(policy):
+        torch.manual_seed(stable_seed(seed, client.id, server_round))
+        load_adapter(policy, start)
+        weighting = make_weighting(method, client, hypergradient, policy)
+        trainer = LocalTrainer(
+            policy,
+            tokenizer,
+            data.train,
+            reward_funcs,
+            weighting,
+            client.grpo,
+            seed=stable_seed(seed, client.id, "prompts"),
+            regularizer=proximal_term(policy, start, server.fedprox_mu)
+            if method == "fedprox"
+            else None,
+        )
+        if state:
+            weighting.load_state_dict(state["weighting"])
+            trainer.sampler.load_state_dict(state["sampler"])
+        weighting.begin_round()
+        try:
+            history = trainer.train(client.local_steps)
+        finally:
+            if isinstance(weighting, HypergradientWeighting):
+                weighting.remove_hooks()  # the model is shared with the next client
+
+        validation = data.validation[: server.validation_prompts]
+        primary = client.primary_reward
+        max_new = server.eval_max_new_tokens or client.grpo.max_new_tokens
+        began = time.perf_counter()
+        result = evaluate_rows(policy, tokenizer, validation, reward_funcs, primary, max_new)
+        validation_seconds = time.perf_counter() - began
+        deadline.check()  # a reward function may have run past it after the last forward
     accuracy = result.accuracy if result.accuracy == result.accuracy else 0.0  # no rows: 0
 
     after = adapter_state(policy)
-    delta = {k: after[k] - start[k] for k in start}
+    # Δθ as the server receives it; ``start`` already arrived through the transport
+    # (``FederatedServer.configure_round``).
+    delta = through_transport({k: after[k] - start[k] for k in start}, server.transport_dtype)
     metrics = uniform_metrics(history, weighting, primary)
     metrics["timing/validation"] = validation_seconds
     update = ClientUpdate(
@@ -182,7 +273,18 @@ def run_client_round(
         metrics=metrics,
     )
     new_state = {"weighting": weighting.state_dict(), "sampler": trainer.sampler.state_dict()}
-    return ClientRoundResult(update, new_state, history, adapter_bytes(start), adapter_bytes(delta))
+    return ClientRoundResult(
+        update,
+        new_state,
+        history,
+        transport_bytes(start, server.transport_dtype),
+        transport_bytes(delta, server.transport_dtype),
+    )
+
+
+REQUIRED_METRICS = ("reward", "reward/primary", "reward/aux_mean", "weight/primary", "loss")
+"""Metrics every reply must carry (a subset of :func:`uniform_metrics`); the server
+rejects an update that lacks one."""
 
 
 def uniform_metrics(

@@ -13,16 +13,18 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from fedmoa.config import (
     STRICT,
     HypergradientConfig,
+    Location,
     LoraConfig,
     ModelConfig,
     RewardConfig,
     check_rewards,
+    field_path,
     parse_config,
     read_toml,
 )
@@ -67,16 +69,16 @@ class SplitConfig:
 class ClientConfig:
     id: str = Field(min_length=1)
     task: str = Field(min_length=1)
-    rewards: list[RewardConfig] = field(default_factory=list)
+    rewards: list[RewardConfig] = Field(default_factory=list, validate_default=True)
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     local_steps: int = Field(1, gt=0)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
-    @model_validator(mode="after")
-    def _rewards_valid(self) -> ClientConfig:
-        check_rewards(self.rewards)
-        return self
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_valid(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
+        return check_rewards(rewards)  # as a field check, so errors name ``clients[i].rewards``
 
     @property
     def primary_reward(self) -> str:
@@ -88,7 +90,10 @@ class ServerConfig:
     method: Method = "fedmoa"
     rounds: int = Field(3, gt=0)
     clients_per_round: int | None = Field(None, gt=0)  # None: every client, every round
-    min_clients: int = Field(1, gt=0)
+    min_clients: int = Field(1, gt=0)  # fewer usable updates in a round: the run stops
+    # Seconds a client's round may take; a client past it is left out of the round (see
+    # docs/design.md, "Faults"). None: no limit.
+    round_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     # task- and accuracy-aware aggregation
     t_acc: float = Field(0.1, gt=0)
     gamma: float = Field(0.0, ge=0)
@@ -103,6 +108,10 @@ class ServerConfig:
     eval_every: int = Field(1, ge=0)  # rounds between test evaluations; 0: only at the end
     test_prompts: int = Field(16, gt=0)  # test rows per client and evaluation
     eval_max_new_tokens: int | None = Field(None, gt=0)
+    # How adapters travel (start adapter down, Δθ up): "float32" as they are (LoRA tensors are
+    # float32), "float16"/"bfloat16" rounded to that dtype, half the bytes; the server keeps
+    # and aggregates its adapters in their own dtype.
+    transport_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 @dataclass(config=STRICT)
@@ -116,14 +125,19 @@ class ExperimentConfig:
     # Used by the methods with hypergradient weighting (fedmoa, fedmoa-hg); the others use static weights.
     hypergradient: HypergradientConfig = field(default_factory=HypergradientConfig)
 
-    @model_validator(mode="after")
-    def _clients_valid(self) -> ExperimentConfig:
-        if not self.clients:
+    @field_validator("clients")
+    @classmethod
+    def _clients_valid(cls, clients: list[ClientConfig]) -> list[ClientConfig]:
+        if not clients:
             raise ValueError("at least one [[clients]] entry is required")
-        ids = [c.id for c in self.clients]
+        ids = [c.id for c in clients]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
             raise ValueError(f"client ids must be unique, repeated: {', '.join(repeated)}")
+        return clients
+
+    @model_validator(mode="after")
+    def _server_fits_clients(self) -> ExperimentConfig:
         per_round = self.server.clients_per_round
         if per_round is not None and per_round > len(self.clients):
             raise ValueError(
@@ -155,7 +169,8 @@ def merge_defaults(defaults: dict[str, Any], client: dict[str, Any]) -> dict[str
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Read, merge ``[client_defaults]`` into each client, validate; errors name the field path."""
+    """Read, merge ``[client_defaults]`` into each client, validate (strictly typed); errors name
+    the field path, in ``[client_defaults]`` when the bad value came from there."""
     data = read_toml(path)
     defaults = data.pop("client_defaults", {})
     if not isinstance(defaults, dict):
@@ -165,4 +180,26 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         data["clients"] = [
             merge_defaults(defaults, c) if isinstance(c, dict) else c for c in clients
         ]
-    return parse_config(data, ExperimentConfig, str(path))
+
+    def locate(loc: Location) -> str:
+        if len(loc) > 2 and loc[0] == "clients" and isinstance(loc[1], int):
+            own = clients[loc[1]] if isinstance(clients, list) and loc[1] < len(clients) else None
+            if _from_defaults(own, defaults, loc[2:]):
+                return f"{field_path(('client_defaults', *loc[2:]))} (in clients[{loc[1]}])"
+        return field_path(loc)
+
+    return parse_config(data, ExperimentConfig, str(path), strict=True, locate=locate)
+
+
+def _from_defaults(client: Any, defaults: Any, loc: Location) -> bool:
+    """Whether the value at ``loc`` in a merged client came from ``[client_defaults]``."""
+    for key in loc:
+        if not isinstance(key, str) or not isinstance(client, dict):
+            return False
+        if key not in client:
+            return isinstance(defaults, dict) and key in defaults
+        if key in OPAQUE_TABLES:
+            return False
+        client = client[key]
+        defaults = defaults.get(key) if isinstance(defaults, dict) else None
+    return False

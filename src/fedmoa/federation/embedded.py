@@ -3,6 +3,14 @@
 One base model stays in memory; each client's turn swaps its start adapter in,
 so memory does not grow with the number of clients. Every round ends with a
 checkpoint, so ``--resume`` loses at most the round in progress.
+
+Faults: a client that raises (its own code or a user reward function) or runs past
+``server.round_timeout`` (:class:`~fedmoa.federation.client.ClientTimeout`, checked
+cooperatively at every model forward, see ``RoundDeadline``) is logged with its id
+and gets a ``failed`` record; the round goes on with the others. Bad updates are
+rejected by the server (``FederatedServer.aggregate_round``). Fewer usable updates
+than ``server.min_clients`` stop the run with a ``FedMOAError`` before anything is
+aggregated or checkpointed.
 """
 
 from __future__ import annotations
@@ -61,7 +69,9 @@ class EmbeddedFederation:
         self.cfg = cfg
         self.run = run
         self.reward_funcs = {c.id: client_reward_funcs(c, i) for i, c in enumerate(cfg.clients)}
-        self.data: dict[str, ClientData] = {c.id: load_client_data(c) for c in cfg.clients}
+        self.data: dict[str, ClientData] = {
+            c.id: load_client_data(c, f"clients[{i}].data") for i, c in enumerate(cfg.clients)
+        }
         self.clients = {c.id: c for c in cfg.clients}
         self.policy, self.tokenizer, initial = build_policy(cfg)
         learners = None
@@ -83,7 +93,11 @@ class EmbeddedFederation:
         if state is None:
             return 0
         for skipped in state["skipped"]:
-            logger.warning("skipping unreadable checkpoint %s", skipped)
+            logger.warning(
+                "checkpoint %s is unreadable (truncated or corrupt); resuming from round %d",
+                skipped,
+                state["completed_round"],
+            )
         self.server.load_state_dict(state["server"])
         self.client_states = state["clients"]
         self.run.drop_records_after(state["completed_round"])
@@ -123,19 +137,10 @@ class EmbeddedFederation:
                     seed=cfg.seed,
                     server_round=server_round,
                 )
-            except FedMOAError:
-                raise
-            except Exception as err:  # a crashing client fails the round for itself only
-                logger.warning(
-                    "round %d: client %r failed: %s: %s",
-                    server_round,
-                    client_id,
-                    type(err).__name__,
-                    err,
-                )
-                records.append(
-                    failed_client_record(server_round, client_id, f"{type(err).__name__}: {err}")
-                )
+            except Exception as err:  # a crash or a ClientTimeout: this client only
+                reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+                logger.warning("round %d: client %r failed: %s", server_round, client_id, reason)
+                records.append(failed_client_record(server_round, client_id, reason))
                 if on_client is not None:
                     on_client(records[-1])
                 continue
@@ -166,8 +171,13 @@ class EmbeddedFederation:
         cfg, server_round = self.cfg, plan.server_round
         records = list(records)
         timer = PhaseTimer()
-        with timer.phase("aggregate"):
-            aggregated = self.server.aggregate_round(plan, updates)
+        try:
+            with timer.phase("aggregate"):
+                aggregated = self.server.aggregate_round(plan, updates)
+        except FedMOAError:  # too few usable updates: keep the client records, then stop
+            for record in records:
+                self.run.log(record)
+            raise
         records.append(
             {
                 "type": "round",

@@ -54,6 +54,7 @@ from flwr.serverapp.strategy import Strategy
 from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.errors import FedMOAError
 from fedmoa.federation.client import (
+    TRANSPORT_DTYPES,
     ClientData,
     client_reward_funcs,
     load_client_data,
@@ -121,19 +122,43 @@ def _to_array(tensor: torch.Tensor) -> Array:
     return Array(tensor.float() if tensor.dtype == torch.bfloat16 else tensor)
 
 
-def adapter_to_record(adapter: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """LoRA tensors by PEFT state-dict name, as an ArrayRecord (nothing else travels)."""
-    return ArrayRecord({name: _to_array(t) for name, t in adapter.items()})
+def adapter_to_record(
+    adapter: Mapping[str, torch.Tensor], transport_dtype: str = "float32"
+) -> ArrayRecord:
+    """LoRA tensors by PEFT state-dict name, as an ArrayRecord (nothing else travels).
+
+    With a ``transport_dtype`` of :data:`TRANSPORT_DTYPES` the tensors travel in it: float16
+    as numpy float16, bfloat16 as its 16-bit patterns in an int16 array (numpy has none).
+    """
+    wire = TRANSPORT_DTYPES.get(transport_dtype)
+    if wire is None:
+        return ArrayRecord({name: _to_array(t) for name, t in adapter.items()})
+    arrays = {}
+    for name, tensor in adapter.items():
+        cast = tensor.detach().cpu().to(wire)
+        arrays[name] = Array(cast.view(torch.int16) if wire == torch.bfloat16 else cast)
+    return ArrayRecord(arrays)
 
 
-def record_to_adapter(record: ArrayRecord, like: Adapter | None = None) -> Adapter:
-    """The inverse of :func:`adapter_to_record`; tensors that ``like`` holds in bfloat16
-    come back in bfloat16. Wrong keys, shapes or dtypes are left for ``sanitize`` to reject."""
+def record_to_adapter(
+    record: ArrayRecord, like: Adapter | None = None, transport_dtype: str = "float32"
+) -> Adapter:
+    """The inverse of :func:`adapter_to_record`; tensors that ``like`` holds in bfloat16, and
+    tensors that came in the transport dtype, come back in ``like``'s dtype. Wrong keys,
+    shapes or dtypes are left for ``sanitize`` to reject."""
+    wire = TRANSPORT_DTYPES.get(transport_dtype)
     adapter = {}
     for name, array in record.items():
         tensor = torch.from_numpy(array.numpy())
-        if like is not None and name in like and like[name].dtype == torch.bfloat16:
-            tensor = tensor.to(torch.bfloat16)
+        if wire == torch.bfloat16 and tensor.dtype == torch.int16:
+            tensor = tensor.view(torch.bfloat16)
+        own = like[name].dtype if like is not None and name in like else None
+        # Only what this transport sends is cast (bfloat16 travels as float32 by default);
+        # any other dtype stays as it came, for ``sanitize`` to reject.
+        if own is not None and (
+            tensor.dtype == wire or (own == torch.bfloat16 and tensor.dtype == torch.float32)
+        ):
+            tensor = tensor.to(own)
         adapter[name] = tensor
     return adapter
 
@@ -249,10 +274,12 @@ class FedMOAStrategy(Strategy):
         federation: EmbeddedFederation,
         *,
         node_timeout: float = 300.0,
+        reply_timeout: float | None = None,
         on_round: RoundCallback | None = None,
     ) -> None:
         self.federation = federation
         self.node_timeout = node_timeout
+        self.reply_timeout = reply_timeout  # only for the log: Strategy.start applies it
         self.on_round = on_round
         self.index = {c.id: i for i, c in enumerate(federation.cfg.clients)}
         self.nodes: dict[str, int] = {}  # client id -> node id
@@ -277,11 +304,12 @@ class FedMOAStrategy(Strategy):
         if not self.nodes:
             self.nodes = self._discover_nodes(grid)
         self.plan = self.federation.server.configure_round(server_round)
+        transport = self.federation.cfg.server.transport_dtype
         messages = []
         for client_id, start in self.plan.starts.items():
             content = RecordDict(
                 {
-                    ADAPTER: adapter_to_record(start),
+                    ADAPTER: adapter_to_record(start, transport),
                     ROUND_CONFIG: ConfigRecord(
                         {
                             "server-round": server_round,
@@ -316,15 +344,22 @@ class FedMOAStrategy(Strategy):
         for client_id in plan.starts:
             reply = by_client.get(client_id)
             try:
-                if reply is None:
-                    raise FedMOAError("no reply before the reply timeout")
+                if reply is None:  # hung, too slow or disconnected
+                    within = f" ({self.reply_timeout:g}s)" if self.reply_timeout else ""
+                    raise FedMOAError(f"no reply within the round timeout{within}")
                 if reply.has_error():
                     raise FedMOAError(f"error reply: {reply.error.reason}")
-                update, record = _reply_to_update(server_round, client_id, reply, reference)
-            except Exception as err:  # one client failing fails the round for itself only
-                reason = (
-                    str(err) if isinstance(err, FedMOAError) else f"{type(err).__name__}: {err}"
+                update, record = _reply_to_update(
+                    server_round,
+                    client_id,
+                    reply,
+                    reference,
+                    self.federation.cfg.server.transport_dtype,
                 )
+            except Exception as err:  # one client failing fails the round for itself only
+                named = f"{type(err).__name__}: {err}"
+                text = str(err) if isinstance(err, FedMOAError) else named
+                reason = " ".join(text.split())  # one line: a Ray error reply spans several
                 logger.warning("round %d: client %r failed: %s", server_round, client_id, reason)
                 records.append(failed_client_record(server_round, client_id, reason))
                 continue
@@ -390,7 +425,11 @@ class FedMOAStrategy(Strategy):
 
 
 def _reply_to_update(
-    server_round: int, client_id: str, reply: Message, reference: Adapter
+    server_round: int,
+    client_id: str,
+    reply: Message,
+    reference: Adapter,
+    transport_dtype: str = "float32",
 ) -> tuple[ClientUpdate, dict[str, Any]]:
     """A train reply as the ``ClientUpdate`` the aggregators take and its ``metrics.jsonl`` record."""
     content = reply.content
@@ -401,18 +440,19 @@ def _reply_to_update(
     update = ClientUpdate(
         client_id=client_id,
         task=str(details.pop("task")),
-        num_examples=int(metrics.pop("num-examples")),
-        delta=record_to_adapter(content[ADAPTER], like=reference),
-        accuracy=float(metrics.pop("accuracy")),
+        # Metrics as sent: missing or bad ones are for ``sanitize`` to reject and log.
+        num_examples=metrics.pop("num-examples", None),  # type: ignore[arg-type]
+        delta=record_to_adapter(content[ADAPTER], like=reference, transport_dtype=transport_dtype),
+        accuracy=metrics.pop("accuracy", None),  # type: ignore[arg-type]
         metrics={k: v for k, v in metrics.items() if k not in ("bytes_down", "bytes_up")},
     )
     record = client_record(
         server_round,
         update,
         {k: v for k, v in details.items() if k != "seconds"},
-        bytes_down=int(metrics["bytes_down"]),
-        bytes_up=int(metrics["bytes_up"]),
-        seconds=float(details["seconds"]),
+        bytes_down=int(metrics.get("bytes_down", 0)),
+        bytes_up=int(metrics.get("bytes_up", 0)),
+        seconds=float(details.get("seconds", 0.0)),
     )
     return update, record
 
@@ -424,12 +464,17 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
     run = RunDirectory(settings.run_dir)
     run.save_config(settings.experiment, dataclasses.asdict(cfg))
     federation = EmbeddedFederation(cfg, run)
-    strategy = FedMOAStrategy(federation, node_timeout=settings.node_timeout, on_round=on_round)
+    # server.round_timeout, when the experiment sets it, else the run config's reply-timeout:
+    # replies that have not come by then (hung, slow or disconnected nodes) are dropped.
+    timeout = cfg.server.round_timeout or settings.reply_timeout
+    strategy = FedMOAStrategy(
+        federation, node_timeout=settings.node_timeout, reply_timeout=timeout, on_round=on_round
+    )
     strategy.start(
         grid,
         adapter_to_record(federation.server.state.global_adapter),
         num_rounds=cfg.server.rounds,
-        timeout=settings.reply_timeout,
+        timeout=timeout,
     )
     return federation.finish()
 
@@ -480,8 +525,14 @@ def identify(message: Message, context: Context) -> Message:
 
 
 def train(message: Message, context: Context) -> Message:
-    """One client round: the same ``run_client_round`` call as the embedded engine makes."""
+    """One client round: the same ``run_client_round`` call as the embedded engine makes.
+
+    ``server.round_timeout`` counts from here on the client (the ServerApp counts from
+    sending): past it the round raises ``ClientTimeout``, so a slow node stops working
+    on a reply the server has dropped and becomes free for the next message.
+    """
     began = time.perf_counter()
+    started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     runtime = client_runtime(settings.experiment)
     cfg = runtime.cfg
@@ -501,13 +552,18 @@ def train(message: Message, context: Context) -> Message:
         client,
         data,
         reward_funcs,
-        record_to_adapter(message.content[ADAPTER], like=runtime.initial),
+        record_to_adapter(
+            message.content[ADAPTER],
+            like=runtime.initial,
+            transport_dtype=cfg.server.transport_dtype,
+        ),
         records_to_state(context.state, prefix),
         method=cfg.server.method,
         server=cfg.server,
         hypergradient=cfg.hypergradient,
         seed=cfg.seed,
         server_round=int(round_config["server-round"]),
+        started=started,
     )
     for name, record in state_to_records(result.state, prefix).items():
         context.state[name] = record
@@ -530,7 +586,11 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     content = RecordDict(
-        {ADAPTER: adapter_to_record(update.delta), METRICS: metrics, DETAILS: details}
+        {
+            ADAPTER: adapter_to_record(update.delta, cfg.server.transport_dtype),
+            METRICS: metrics,
+            DETAILS: details,
+        }
     )
     return Message(content, reply_to=message)
 

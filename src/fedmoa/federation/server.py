@@ -23,7 +23,9 @@ from fedmoa.aggregation import (
     make_server_optimizer,
     task_accuracy_aggregate,
 )
-from fedmoa.aggregation.updates import apply_delta
+from fedmoa.aggregation.updates import apply_delta, sanitize
+from fedmoa.errors import FedMOAError
+from fedmoa.federation.client import REQUIRED_METRICS, through_transport
 from fedmoa.federation.config import (
     SERVER_OPTIMIZER_METHODS,
     TASK_ACCURACY_METHODS,
@@ -88,35 +90,54 @@ class FederatedServer:
         return state.global_adapter
 
     def configure_round(self, server_round: int) -> RoundPlan:
-        return RoundPlan(
-            server_round,
-            {cid: self.start_adapter(cid) for cid in self.sample_clients(server_round)},
-        )
+        """The sampled clients' start adapters as they arrive (``server.transport_dtype``)."""
+        sent: dict[int, Adapter] = {}  # one copy per distinct start adapter
+        starts = {}
+        for cid in self.sample_clients(server_round):
+            start = self.start_adapter(cid)
+            if id(start) not in sent:
+                sent[id(start)] = through_transport(start, self.cfg.server.transport_dtype)
+            starts[cid] = sent[id(start)]
+        return RoundPlan(server_round, starts)
 
     # -- aggregate -----------------------------------------------------------------
     def aggregate_round(
         self, plan: RoundPlan, updates: Sequence[ClientUpdate]
     ) -> AggregationResult:
-        """Next global and task adapters from the replies; too few replies keep the old ones."""
+        """Next global and task adapters from the replies.
+
+        Updates are sanitised first (``sanitize``: tensors, accuracy, the metrics of
+        :data:`REQUIRED_METRICS`, ``robust_norm``); each rejection is logged with the
+        client id and returned in ``result.rejected``. With fewer usable updates than
+        ``server.min_clients`` (capped at the number of learners sampled) the round
+        fails with a ``FedMOAError`` before anything changes, so the last checkpoint
+        stays the state to resume from.
+        """
         server = self.cfg.server
         current = self.state.global_adapter
-        if len(updates) < server.min_clients:
-            logger.warning(
-                "round %d: %d replies < min_clients=%d; adapters unchanged",
-                plan.server_round,
-                len(updates),
-                server.min_clients,
+        accepted, rejected = sanitize(updates, current, server.robust_norm, REQUIRED_METRICS)
+        needed = min(server.min_clients, len(plan.starts))
+        if len(accepted) < needed:
+            dropped = len(plan.starts) - len(updates)
+            raise FedMOAError(
+                f"round {plan.server_round}: {len(accepted)} usable client update(s) of "
+                f"{len(plan.starts)} sampled, fewer than server.min_clients = {needed} "
+                f"({dropped} failed, {len(rejected)} rejected: "
+                + ("; ".join(f"{r.client_id!r}: {r.reason}" for r in rejected) or "see the log")
+                + f"); nothing was aggregated, the adapters stay as after round "
+                f"{self.state.completed_rounds}"
             )
-            result = AggregationResult(current, {}, dict(self.state.task_adapters), {}, {}, [])
-        elif self.method in TASK_ACCURACY_METHODS:
+        # Already sanitised (robust_norm included: a second pass would use another median).
+        if self.method in TASK_ACCURACY_METHODS:
             settings = TaskAccuracySettings(server.t_acc, server.gamma, server.server_lr)
-            result = task_accuracy_aggregate(current, updates, settings, server.robust_norm)
+            result = task_accuracy_aggregate(current, accepted, settings)
         else:
-            result = fedavg_aggregate(current, updates, server.server_lr, server.robust_norm)
+            result = fedavg_aggregate(current, accepted, server.server_lr)
             if self.optimizer is not None and result.global_delta:
                 result.global_adapter = self.optimizer.step(current, result.global_delta)
+        result.rejected = rejected + result.rejected
         if self.method == "local":
-            for update in updates:
+            for update in accepted:
                 start = plan.starts[update.client_id]
                 self.state.client_adapters[update.client_id] = apply_delta(start, update.delta, 1.0)
             result.global_adapter = current

@@ -3,15 +3,27 @@
 The sampling log-probs are recorded while decoding (one [N, V] slice alive at a
 time), so the trainer never needs an extra forward pass to know what the sampler
 did.
+
+Long prompts: a prompt and its completion must fit the model's context
+(``config.max_position_embeddings``), so a prompt longer than
+``context - max_new_tokens`` tokens keeps only its last that many tokens (left
+truncation, as TRL's ``max_prompt_length``): the end holds the question and the
+assistant header that generation continues from, the start usually the system
+prompt. Each batch with truncated prompts logs a warning with their number.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from fedmoa.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, Any]]
 
@@ -93,17 +105,66 @@ def _mask_through_eos(completion_ids: torch.Tensor, eos_ids: tuple[int, ...]) ->
     return (torch.arange(width, device=completion_ids.device) <= first_eos.unsqueeze(1)).long()
 
 
+def prompt_budget(model: Any, max_new_tokens: int) -> int | None:
+    """The most prompt tokens that leave room for ``max_new_tokens`` in the model's context
+    (``config.max_position_embeddings``); None when the model does not say."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or context <= 0:
+        return None
+    if max_new_tokens >= context:
+        raise ConfigError(
+            f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in the model's "
+            f"{context}-token context (max_position_embeddings)"
+        )
+    return context - max_new_tokens
+
+
 def encode_prompts(
-    tokenizer: Any, prompts: list[Messages], device: torch.device
+    tokenizer: Any, prompts: list[Messages], device: torch.device, max_length: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Apply the chat template and left-pad, as batched decoding needs."""
+    """Apply the chat template and left-pad, as batched decoding needs.
+
+    A prompt longer than ``max_length`` tokens (see ``prompt_budget``) keeps its last
+    ``max_length`` tokens; the batch logs how many were cut (module docstring).
+    """
     texts = [
         tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
         for p in prompts
     ]
     tokenizer.padding_side = "left"
+    if max_length is not None:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        lengths = [len(x) for x in ids]
+        cut = sum(n > max_length for n in lengths)
+        if cut:
+            logger.warning(
+                "%d of %d prompts exceed the %d-token prompt budget (model context minus "
+                "max_new_tokens; longest %d tokens): kept their last %d tokens",
+                cut,
+                len(ids),
+                max_length,
+                max(lengths),
+                max_length,
+            )
+            return _left_padded([x[-max_length:] for x in ids], tokenizer, device)
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def _left_padded(
+    ids: list[list[int]], tokenizer: Any, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token lists, left-padded to the longest."""
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        if tokens:
+            input_ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, width - len(tokens) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 @torch.no_grad()
@@ -112,7 +173,8 @@ def generate_rollouts(
 ) -> Rollout:
     """Sample ``settings.group_size`` completions per prompt with the current policy."""
     device = next(model.parameters()).device
-    encoded = encode_prompts(tokenizer, prompts, device)
+    budget = prompt_budget(model, settings.max_new_tokens)
+    encoded = encode_prompts(tokenizer, prompts, device, budget)
     prompt_ids = encoded["input_ids"].repeat_interleave(settings.group_size, dim=0)
     prompt_mask = encoded["attention_mask"].repeat_interleave(settings.group_size, dim=0)
     eos_ids = eos_token_ids(model, tokenizer)

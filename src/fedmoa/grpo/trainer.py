@@ -55,6 +55,9 @@ class GRPOSettings:
     num_iterations: int = Field(1, ge=1)
     advantage: AdvantageMode = "normalize_then_sum"
     scale_rewards: ScaleRewards = "group"
+    # Recompute layer activations in backward instead of keeping them: less peak memory
+    # (what TRL does by default) for one extra forward per step.
+    gradient_checkpointing: bool = False
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(
@@ -247,6 +250,17 @@ def grpo_step(
     return metrics
 
 
+def set_gradient_checkpointing(policy: Any, enabled: bool) -> None:
+    """Turn activation checkpointing on or off; both ways, because engines share one model
+    between clients whose settings differ. Non-reentrant, so no input needs grad for PEFT."""
+    if enabled == bool(getattr(policy, "is_gradient_checkpointing", False)):
+        return
+    if enabled:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        policy.gradient_checkpointing_disable()
+
+
 class PromptSampler:
     """Draws ``B`` prompts per step without replacement within an epoch, reproducibly."""
 
@@ -303,6 +317,7 @@ class LocalTrainer:
             weight_decay=settings.weight_decay,
         )
         self.global_step = 0
+        set_gradient_checkpointing(policy, settings.gradient_checkpointing)
 
     def step(self) -> dict[str, float]:
         timer = PhaseTimer()

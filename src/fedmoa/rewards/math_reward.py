@@ -4,6 +4,12 @@ math-verify's timeouts use ``signal.alarm``, which works on the main thread only
 the server app in a worker thread. Off the main thread the checks therefore run in a long-lived
 child process (see ``_math_worker``) that keeps those per-check timeouts; the batch as a whole also
 has a deadline, after which the child is killed and the batch scores 0.0.
+
+Timeout rule: an answer whose parsing or comparison runs past ``timeout`` scores 0.0 (math-verify
+logs "Timeout during ..."), on the main thread of any process (a ``multiprocessing`` or
+``ProcessPoolExecutor`` worker included) and from any other thread alike. SIGALRM interrupts
+Python code only, so on the main thread a check stuck inside one long C call ends when that
+call returns; in the child process the batch deadline bounds even that.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import select
 import subprocess
@@ -41,7 +48,7 @@ def math_accuracy(
     answer: Sequence[Any],
     *,
     require_final_answer: bool = True,
-    timeout: int = 5,
+    timeout: float = 5,
     **kwargs: Any,
 ) -> list[float | None]:
     """1.0 if the completion's final answer equals the gold ``answer`` under math-verify, else 0.0.
@@ -49,8 +56,10 @@ def math_accuracy(
     The prediction is the last ``\\boxed{}``, else the last "#### X", "Final answer: X" or "The
     answer is X". Without one the score is 0.0: truncated text often ends in an expression that
     evaluates to the gold answer. ``require_final_answer=False`` checks the whole text instead.
-    A gold answer of None scores None. ``timeout`` is math-verify's per-step limit in seconds.
+    A gold answer of None scores None. ``timeout`` is math-verify's per-step limit in seconds;
+    SIGALRM counts whole seconds, so a fraction rounds up (0 or less: no limit).
     """
+    timeout = max(0, math.ceil(timeout))  # signal.alarm(0.5) fails, and every answer would score 0
     scores: list[float | None] = [None] * len(completions)
     items: list[Item] = []
     rows: list[int] = []
