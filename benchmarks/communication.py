@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import shlex
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import finish
 from local_step import LoadMeter, machine_info
 from scale import experiment, read_records, write_experiment, write_rewards
 
@@ -341,11 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t: {k: v for k, v in run.items() if k not in ("initial", "final")}
         for t, run in runs.items()
     }
-    print(format_report(args, [str(Path(sys.argv[0])), *argv], results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    return finish(args, argv, results, format_report)
 
 
 if __name__ == "__main__":

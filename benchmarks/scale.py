@@ -51,6 +51,7 @@ import psutil
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import finish
 from local_step import LoadMeter, machine_info, memory_mb
 
 MODEL = "tiny-random-qwen2"
@@ -595,11 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         },
     }
-    print(format_report(args, [str(Path(sys.argv[0])), *argv], results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    return finish(args, argv, results, format_report)
 
 
 if __name__ == "__main__":
