@@ -3,17 +3,20 @@
 Why a script: the study is 15+ runs that take hours on a CPU, so it must survive being stopped.
 Each run lives in ``OUT/<method>-seed<N>``; a finished run (``summary.json``) is skipped and an
 interrupted one continues with ``fedmoa run --resume``, so rerunning the same command picks up
-where the last one stopped, across sessions.
+where the last one stopped, across sessions. The default ``OUT`` is ``benchmarks/study_runs``,
+committed without its checkpoints and adapters (``.gitignore``): finished runs travel with the
+repository, and a run interrupted on another machine starts again from round 1.
 
-    .venv/bin/python benchmarks/study.py --out runs/study
-    .venv/bin/python benchmarks/study.py --out runs/study --methods fedavg fedmoa --seeds 0
-    .venv/bin/python benchmarks/study.py --out runs/study --report-only
+    .venv/bin/python benchmarks/study.py
+    .venv/bin/python benchmarks/study.py --methods fedavg fedmoa --seeds 0
+    .venv/bin/python benchmarks/study.py --report-only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +36,7 @@ FEDMOA = [sys.executable, "-m", "fedmoa.cli"]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--out", type=Path, default=Path("runs/study"))
+    parser.add_argument("--out", type=Path, default=HERE / "study_runs")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", help="override [model] name, e.g. a local path")
@@ -63,6 +66,7 @@ def run_one(cfg: dict[str, Any], log: Path) -> tuple[str, float]:
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         command, action = [*FEDMOA, "run", "--resume", str(out)], "resumed"
     else:
+        shutil.rmtree(out, ignore_errors=True)  # a start without checkpoints: nothing to keep
         out.mkdir(parents=True, exist_ok=True)
         config_path = out.parent / f"{out.name}.toml"
         config_path.write_text(tomli_w.dumps(cfg))
