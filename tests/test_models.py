@@ -18,7 +18,8 @@ from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedmoa import models
-from fedmoa.errors import ModelLoadError
+from fedmoa.config import ModelConfig, parse_config
+from fedmoa.errors import ConfigError, ModelLoadError
 from fedmoa.models import (
     DEFAULT_MODEL,
     LoraSettings,
@@ -343,6 +344,41 @@ def test_gguf_file_is_converted_once_then_read_from_cache(
     ids = torch.tensor([[3, 4, 5]])
     expected = _logits(tiny_random_model(seed=1)[0], ids)
     assert torch.equal(_logits(model, ids), expected)
+
+
+def test_gguf_path_with_expected_sha256_loads_only_the_right_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``model.sha256`` guards third-party GGUFs: a wrong checksum stops before converting."""
+    gguf = tmp_path / "repacked.gguf"
+    gguf.write_bytes(b"GGUF" + b"\1" * 64)
+    calls: list[Path] = []
+    monkeypatch.setattr(
+        models, "_dequantize_gguf", lambda path: calls.append(path) or tiny_random_model(seed=2)
+    )
+    cache = tmp_path / "cache"
+    err = _raises_one_line(
+        "checksum mismatch", load_model_and_tokenizer, str(gguf), cache_dir=cache, sha256="0" * 64
+    )
+    assert str(gguf) in str(err) and calls == []
+
+    digest = models._hash_file(gguf)
+    model, _ = load_model_and_tokenizer(
+        str(gguf), dtype="fp32", device="cpu", cache_dir=cache, sha256=digest.upper()
+    )
+    assert calls == [gguf] and Path(model.name_or_path).name.endswith(digest[:12])
+
+
+def test_sha256_for_something_that_is_not_a_file_is_refused() -> None:
+    _raises_one_line("model.sha256", load_model_and_tokenizer, "tiny-random-qwen2", sha256="a" * 64)
+
+
+def test_model_config_sha256_is_validated_and_used(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model: sha256: .*64 hex digits"):
+        parse_config({"name": "x.gguf", "sha256": "abc"}, ModelConfig, "model", strict=True)
+    config = parse_config({"name": "tiny-random-llama", "sha256": "b" * 64}, ModelConfig)
+    with pytest.raises(ModelLoadError, match=r"model\.sha256 applies to a \.gguf file"):
+        config.load()
 
 
 # --- user errors -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ files and turns validation failures into ``ConfigError("file: a.b[2].c: why")``.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import field
@@ -26,7 +27,7 @@ from pydantic.dataclasses import dataclass
 from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError, ModelLoadError
 from fedmoa.grpo.trainer import GRPOSettings
-from fedmoa.models import DEFAULT_MODEL, resolve_dtype
+from fedmoa.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_dtype
 
 STRICT = ConfigDict(extra="forbid")
 T = TypeVar("T")
@@ -40,6 +41,26 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"  # CUDA when present, else CPU
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # Expected sha256 of a .gguf ``name``: models repackaged by third parties load only when
+    # they are the file you meant.
+    sha256: str | None = None
+
+    def load(self) -> tuple[Any, Any]:
+        """The model and tokenizer this section describes (``fedmoa.models`` does the work)."""
+        return load_model_and_tokenizer(
+            self.name,
+            dtype=self.dtype,
+            device=self.device,
+            attention=self.attention,
+            sha256=self.sha256,
+        )
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError(f"expected 64 hex digits, got {value!r}")
+        return value.lower() if value is not None else None
 
     @field_validator("dtype")
     @classmethod

@@ -197,10 +197,12 @@ def load_model_and_tokenizer(
     device: str = "auto",
     attention: str = "auto",
     cache_dir: str | Path | None = None,
+    sha256: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from ``spec`` (see the module docstring).
 
-    ``cache_dir`` is the root for converted GGUF models (default ``default_cache_dir()``);
+    ``sha256`` is the expected checksum of a ``.gguf`` spec; a mismatch raises before anything
+    is converted. ``cache_dir`` is the root for converted GGUF models (default ``default_cache_dir()``);
     hub downloads keep using the Hugging Face cache. The model is returned on the resolved
     device, in eval mode, with ``generation_config.pad_token_id`` set.
     """
@@ -210,13 +212,17 @@ def load_model_and_tokenizer(
         torch.set_flush_denormal(True)  # denormals make CPU matmuls up to 20x slower
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
+    if sha256 is not None and not Path(spec).expanduser().is_file():
+        raise ModelLoadError(
+            f"model.sha256 applies to a .gguf file, but model {spec!r} is not a file"
+        )
     if spec in TINY_RANDOM_MODELS:
         model, tokenizer = tiny_random_model(TINY_RANDOM_MODELS[spec], dtype=torch_dtype)
     elif spec == DEFAULT_MODEL:
         source = _cached_gguf(_smollm2_gguf_path(), cache_root, DEFAULT_MODEL, SMOLLM2_SHA256)
         model, tokenizer = _from_pretrained(str(source), torch_dtype, local=True)
     else:
-        model, tokenizer = _load_path_or_hub(spec, torch_dtype, cache_root)
+        model, tokenizer = _load_path_or_hub(spec, torch_dtype, cache_root, sha256)
 
     _prepare_tokenizer(tokenizer, spec)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -232,7 +238,7 @@ def load_model_and_tokenizer(
 
 
 def _load_path_or_hub(
-    spec: str, dtype: torch.dtype, cache_root: Path
+    spec: str, dtype: torch.dtype, cache_root: Path, sha256: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dispatch a spec that is not a built-in name: GGUF file, local directory or hub id."""
     path = Path(spec).expanduser()
@@ -242,7 +248,7 @@ def _load_path_or_hub(
         return _from_pretrained(str(path), dtype, local=True)
     if path.is_file():
         _check_gguf_magic(path)
-        source = _cached_gguf(path, cache_root, _slug(path.stem))
+        source = _cached_gguf(path, cache_root, _slug(path.stem), sha256)
         return _from_pretrained(str(source), dtype, local=True)
     if _HUB_ID.fullmatch(spec) and not spec.endswith(".gguf"):
         return _from_pretrained(spec, dtype, local=False)
@@ -325,7 +331,7 @@ def file_sha256(path: Path, cache_root: Path) -> str:
 def verify_sha256(path: Path, expected: str, cache_root: Path) -> str:
     """Return the sha256 of ``path``; raise ``ModelLoadError`` if it is not ``expected``."""
     actual = file_sha256(path, cache_root)
-    if actual != expected:
+    if actual != expected.lower():
         raise ModelLoadError(
             f"checksum mismatch for {path}: expected sha256 {expected}, got {actual} "
             "(corrupt or different file)"

@@ -14,7 +14,7 @@ from fedmoa.config import RewardConfig, TrainLocalConfig
 from fedmoa.data import load_rows
 from fedmoa.errors import ConfigError, DataError, RewardError
 from fedmoa.grpo.trainer import LocalTrainer
-from fedmoa.models import LoraSettings, attach_lora, load_model_and_tokenizer
+from fedmoa.models import LoraSettings, attach_lora
 from fedmoa.rewards import RewardFunc, load_reward_function
 from fedmoa.rewards.base import with_policy
 from fedmoa.runs import RunDirectory
@@ -61,12 +61,7 @@ def build_local_trainer(cfg: TrainLocalConfig) -> LocalTrainer:
     except DataError as err:
         raise DataError(f"data: {err}") from err
     seed_everything(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        attention=cfg.model.attention,
-    )
+    model, tokenizer = cfg.model.load()
     policy = attach_lora(model, lora_settings(cfg))
     return LocalTrainer(
         policy, tokenizer, rows, reward_funcs, build_weighting(cfg), cfg.grpo, seed=cfg.seed

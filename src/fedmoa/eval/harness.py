@@ -199,11 +199,8 @@ def load_policy(model: ModelConfig, adapter: str | Path | None = None) -> tuple[
     """The base model, wrapped in the saved LoRA adapter when one is given (kept unmerged, as
     a federation evaluates it, so the figures match a run's to the last bit in fp32)."""
     path = adapter_dir(adapter) if adapter is not None else None
-    from fedmoa.models import load_model_and_tokenizer
 
-    base, tokenizer = load_model_and_tokenizer(
-        model.name, dtype=model.dtype, device=model.device, attention=model.attention
-    )
+    base, tokenizer = model.load()
     if path is None:
         return base, tokenizer
     import peft

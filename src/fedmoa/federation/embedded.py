@@ -40,7 +40,7 @@ from fedmoa.federation.client import (
 from fedmoa.federation.config import ExperimentConfig
 from fedmoa.federation.server import FederatedServer, RoundPlan
 from fedmoa.grpo.trainer import PhaseTimer
-from fedmoa.models import attach_lora, load_model_and_tokenizer
+from fedmoa.models import attach_lora
 from fedmoa.runs import RunDirectory, write_json_atomic
 from fedmoa.train_local import lora_settings, seed_everything
 
@@ -51,12 +51,7 @@ ClientCallback = Callable[[dict[str, Any]], None]
 
 def build_policy(cfg: ExperimentConfig) -> tuple[Any, Any, Adapter]:
     """Base model + LoRA initialised from the seed; the same on every engine."""
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        device=cfg.model.device,
-        attention=cfg.model.attention,
-    )
+    model, tokenizer = cfg.model.load()
     seed_everything(cfg.seed)
     policy = attach_lora(model, lora_settings(cfg))
     return policy, tokenizer, adapter_state(policy)

@@ -1,0 +1,87 @@
+"""``benchmarks/study.py`` survives being stopped: finished runs are skipped, an interrupted one
+resumes from its last checkpoint, and the report covers every finished run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+STUDY = """
+seed = 0
+output_dir = "ignored"
+
+[model]
+name = "tiny-random-qwen2"
+dtype = "fp32"
+device = "cpu"
+
+[server]
+method = "fedmoa"
+rounds = 2
+validation_prompts = 2
+test_prompts = 2
+
+[client_defaults]
+grpo = { batch_size = 2, group_size = 2, max_new_tokens = 4 }
+data = { source = "reasoning_gym", name = "basic_arithmetic", size = 16 }
+rewards = [{ name = "accuracy", function = "math_accuracy", role = "primary" }]
+
+[[clients]]
+id = "a"
+task = "sums"
+
+[[clients]]
+id = "b"
+task = "sums"
+data = { seed = 1 }
+rewards = [
+  { name = "accuracy", function = "math_accuracy", role = "primary" },
+  { name = "brevity", function = "length", weight = 0.5, params = { target = 2 } },
+]
+"""
+
+
+def run_study(config: Path, out: Path) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "study.py"), "--config", str(config), "--out", str(out),
+         "--methods", "fedavg", "local", "--seeds", "3"],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if line.startswith("[")]
+
+
+def test_study_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path: Path) -> None:
+    config = tmp_path / "study.toml"
+    config.write_text(STUDY)
+    out = tmp_path / "study"
+    assert [line.split(":")[1].split("(")[0].strip() for line in run_study(config, out)] == [
+        "ran",
+        "ran",
+    ]
+    fedavg = out / "fedavg-seed3"
+    written = json.loads((fedavg / "resolved_config.json").read_text())
+    assert written["seed"] == 3 and written["server"]["method"] == "fedavg"
+    assert (out / "report" / "report.md").is_file()
+    assert "fedavg" in (out / "report" / "report.md").read_text()
+
+    # Stopped during round 2: no summary, only the round-1 checkpoint.
+    (fedavg / "summary.json").unlink()
+    (fedavg / "checkpoints" / "round-0002.pt").unlink()
+    lines = run_study(config, out)
+    assert "fedavg seed 3: resumed" in lines[0] and "local seed 3: done before" in lines[1]
+    rounds = [
+        json.loads(line)["round"]
+        for line in (fedavg / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["type"] == "round"
+    ]
+    assert rounds == [1, 2]
+    timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
+    assert [t["action"] for t in timings] == ["ran", "ran", "resumed", "done before"]
