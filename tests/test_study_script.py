@@ -46,9 +46,9 @@ rewards = [
 
 
 def run_study(config: Path, out: Path) -> list[str]:
+    options = ["--config", str(config), "--out", str(out), "--methods", "fedavg", "local"]
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "study.py"), "--config", str(config), "--out", str(out),
-         "--methods", "fedavg", "local", "--seeds", "3"],  # fmt: skip
+        [sys.executable, str(BENCHMARKS / "study.py"), *options, "--seeds", "3"],
         capture_output=True,
         text=True,
         timeout=600,
