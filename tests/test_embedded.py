@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -123,6 +124,60 @@ def test_every_method_runs_a_round(tmp_path, method):
     else:
         assert changed
         assert set(state.task_adapters) == {"math", "chain"}
+
+
+@pytest.mark.parametrize(
+    ("method", "eval_local_models"), [("fedavg", True), ("local", True), ("fedavg", False)]
+)
+def test_evaluation_scores_global_personalized_and_local_models(
+    tmp_path, monkeypatch, method, eval_local_models
+):
+    """Per client: the global adapter, its personalized adapter and, unless switched off, the
+    adapter it trained this round (start + its own delta), each with a hypervolume."""
+    scored: list[tuple[str, dict[str, torch.Tensor]]] = []
+    original = EmbeddedFederation.score
+
+    def spy(self, client, adapter):
+        scored.append((client.id, {k: v.clone() for k, v in adapter.items()}))
+        return original(self, client, adapter)
+
+    monkeypatch.setattr(EmbeddedFederation, "score", spy)
+    config = write_experiment(tmp_path, method, rounds=1)
+    if not eval_local_models:
+        config.write_text(
+            config.read_text().replace(
+                "test_prompts = 2", "test_prompts = 2\neval_local_models = false"
+            )
+        )
+    federation, initial = run_embedded(config, tmp_path / "run")
+    record = next(r for r in federation.run.read_metrics() if r["type"] == "eval")
+    clients = ["math-a", "math-b", "chain"]
+    assert {"global/accuracy", "personal/accuracy", "personal/hypervolume"} <= set(record)
+    for cid in clients:
+        assert 0.0 <= record[f"personal/{cid}/hypervolume"] <= 1.0 or math.isnan(
+            record[f"personal/{cid}/hypervolume"]
+        )
+    has_local = {f"local_model/{cid}/accuracy" for cid in clients} <= set(record)
+    assert has_local == eval_local_models
+    assert ("local_model/accuracy" in record) == eval_local_models
+    calls_per_client = 3 if method == "fedavg" and eval_local_models else 2
+    assert len(scored) == calls_per_client * len(clients)
+    if method == "local" and eval_local_models:
+        for cid in clients:  # the personalized adapter is the local model: scored once
+            assert record[f"local_model/{cid}/accuracy"] == record[f"personal/{cid}/accuracy"]
+    if calls_per_client == 3:
+        state = federation.server.state
+        deltas = {r["client"]: r for r in federation.run.read_metrics() if r["type"] == "client"}
+        assert set(deltas) == set(clients)
+        for i, cid in enumerate(clients):
+            global_, personal, local = (a for _, a in scored[3 * i : 3 * i + 3])
+            assert [c for c, _ in scored[3 * i : 3 * i + 3]] == [cid] * 3
+            task = "chain" if cid == "chain" else "math"
+            assert all(torch.equal(global_[k], state.global_adapter[k]) for k in global_)
+            assert all(torch.equal(personal[k], state.task_adapters[task][k]) for k in personal)
+            # Started from the initial global adapter and moved away from it on its own.
+            assert any(not torch.equal(local[k], initial[k]) for k in local)
+            assert any(not torch.equal(local[k], global_[k]) for k in local)
 
 
 def adapter_file(run: Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 
-from fedmoa.eval import evaluate_rows, greedy_completions
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedmoa.eval import evaluate_rows, greedy_completions, hypervolume
 from fedmoa.models import tiny_random_model
 
 ROWS = [
@@ -45,4 +49,37 @@ def test_accuracy_is_the_primary_mean_and_none_is_left_out():
     ]
     assert math.isclose(result.reward_means["length"], sum(lengths) / 3, rel_tol=1e-6)
     metrics = result.metrics("val")
-    assert set(metrics) == {"val/accuracy", "val/rewards/digit", "val/rewards/length"}
+    assert set(metrics) == {
+        "val/accuracy",
+        "val/hypervolume",
+        "val/rewards/digit",
+        "val/rewards/length",
+    }
+    assert math.isclose(metrics["val/hypervolume"], result.accuracy * sum(lengths) / 3)
+
+
+@pytest.mark.parametrize(
+    ("means", "expected"),
+    [
+        ([0.5, 0.4], 0.2),
+        ([1.0, 0.0, 0.9], 0.0),  # one objective at zero dominates nothing
+        ([0.5, -2.0], 0.0),  # below the origin counts as zero, not as a sign flip
+        ([0.5, math.nan, 0.8], 0.4),  # an objective that applied to no row is left out
+        ([0.7], 0.7),
+    ],
+)
+def test_hypervolume_of_one_point_against_the_origin(means: list[float], expected: float) -> None:
+    assert math.isclose(hypervolume(means), expected)
+
+
+@given(st.lists(st.floats(-1.0, 2.0, allow_subnormal=False), min_size=1, max_size=5))
+def test_hypervolume_matches_moocore(means: list[float]) -> None:
+    """The reference: moocore's hypervolume of the same point, maximised, origin as reference."""
+    moocore = pytest.importorskip("moocore")
+    clipped = [max(v, 0.0) for v in means]  # moocore counts only points that dominate the ref
+    reference = moocore.hypervolume([clipped], ref=[0.0] * len(means), maximise=True)
+    assert math.isclose(hypervolume(means), reference, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_hypervolume_of_nothing_is_nan() -> None:
+    assert math.isnan(hypervolume([])) and math.isnan(hypervolume([math.nan]))

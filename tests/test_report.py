@@ -42,11 +42,26 @@ def expected_by_method() -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for run in RUN_DIRS:
         summary = json.loads((run / "summary.json").read_text())
-        values = out.setdefault(summary["method"], {"global": [], "personal": [], "up": []})
-        values["global"].append(summary["final_eval"]["global/accuracy"])
-        values["personal"].append(summary["final_eval"]["personal/accuracy"])
+        values = out.setdefault(
+            summary["method"], {"global": [], "personal": [], "up": [], "hypervolume": []}
+        )
+        final = summary["final_eval"]
+        values["global"].append(final["global/accuracy"])
+        values["personal"].append(final["personal/accuracy"])
+        values["hypervolume"].append(personal_hypervolume(final))
         values["up"].append(summary["bytes_up"] / summary["rounds"] / 1024)
     return out
+
+
+def personal_hypervolume(final: dict[str, float]) -> float:
+    """Mean over clients of prod(max(r, 0)) of the personalized reward means (the recorded runs
+    predate the logged value, so the report computes it the same way)."""
+    per_client: dict[str, list[float]] = {}
+    for key, value in final.items():
+        parts = key.split("/")
+        if parts[0] == "personal" and len(parts) == 4 and parts[2] == "rewards":
+            per_client.setdefault(parts[1], []).append(value)
+    return statistics.mean(math.prod(max(v, 0.0) for v in vs) for vs in per_client.values())
 
 
 def mean_std(values: list[float], digits: int = 3) -> str:
@@ -109,6 +124,8 @@ def test_table_has_mean_and_std_over_seeds(rendered):
         assert row["final global acc"] == mean_std(values["global"])
         assert row["final personalized acc"] == mean_std(values["personal"])
         assert row["KiB up/round"] == mean_std(values["up"], 1)
+        assert row["final hypervolume"] == mean_std(values["hypervolume"])
+        assert row["final local-model acc"] == "-"  # recorded before local models were scored
         assert method in stdout
     # Δ vs fedavg: difference of the seed means, ± the standard error of that difference.
     moa, avg = expected["fedmoa"]["global"], expected["fedavg"]["global"]
@@ -159,6 +176,18 @@ def test_single_run(tmp_path):
     assert row["final global acc"] == f"{summary['final_eval']['global/accuracy']:.3f}"
     assert "Δ global vs fedavg" not in row and "No fedavg run" in markdown
     assert (tmp_path / "weights-fedmoa.png").is_file()
+
+
+def test_logged_local_model_accuracy_and_hypervolume_are_used(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "fedmoa-s0", run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["final_eval"].update({"local_model/accuracy": 0.625, "personal/hypervolume": 0.125})
+    (run / "summary.json").write_text(json.dumps(summary))
+    record = load_run(run)
+    assert (record.final_local_model_accuracy, record.final_hypervolume) == (0.625, 0.125)
+    row = table_rows(write_report([run], tmp_path / "out").markdown.read_text())["fedmoa"]
+    assert (row["final local-model acc"], row["final hypervolume"]) == ("0.625", "0.125")
 
 
 def test_default_output_and_config_fallbacks(tmp_path):

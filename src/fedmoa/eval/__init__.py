@@ -7,6 +7,7 @@ from fedmoa.eval.evaluate import (
     evaluate_rows,
     greedy_completions,
     greedy_generate,
+    hypervolume,
 )
 from fedmoa.eval.harness import (
     EvalConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "evaluate_rows",
     "greedy_completions",
     "greedy_generate",
+    "hypervolume",
     "load_eval_config",
     "load_policy",
     "run_eval",

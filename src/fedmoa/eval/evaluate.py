@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +43,26 @@ class EvalResult:
     truncated: list[bool] = field(default_factory=list)
     generation_s: float = 0.0
 
+    @property
+    def hypervolume(self) -> float:
+        return hypervolume(self.reward_means.values())
+
     def metrics(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}/accuracy": self.accuracy}
+        out = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/hypervolume": self.hypervolume}
         out.update({f"{prefix}/rewards/{k}": v for k, v in self.reward_means.items()})
         return out
+
+
+def hypervolume(reward_means: Iterable[float]) -> float:
+    """Hypervolume of one mean-reward vector against the origin: the volume of the box it
+    dominates, ``prod(max(r_i, 0))``.
+
+    One number for multi-objective balance: it is 0 as soon as any objective is at 0, so a
+    client that maximises its auxiliaries and fails its primary scores 0. Objectives that
+    applied to no row (NaN) are left out; with none left the result is NaN.
+    """
+    values = [v for v in reward_means if not math.isnan(v)]
+    return math.prod(max(v, 0.0) for v in values) if values else math.nan
 
 
 @torch.no_grad()

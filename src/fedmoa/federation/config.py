@@ -108,6 +108,8 @@ class ServerConfig:
     eval_every: int = Field(1, ge=0)  # rounds between test evaluations; 0: only at the end
     test_prompts: int = Field(16, gt=0)  # test rows per client and evaluation
     eval_max_new_tokens: int | None = Field(None, gt=0)
+    # Also score each client's own locally trained adapter (one more greedy pass per client).
+    eval_local_models: bool = True
     # How adapters travel (start adapter down, Δθ up): "float32" as they are (LoRA tensors are
     # float32), "float16"/"bfloat16" rounded to that dtype, half the bytes; the server keeps
     # and aggregates its adapters in their own dtype.

@@ -23,9 +23,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmoa.aggregation import Adapter, ClientUpdate
+from fedmoa.aggregation import Adapter, AggregationResult, ClientUpdate
+from fedmoa.aggregation.updates import apply_delta
 from fedmoa.errors import FedMOAError
-from fedmoa.eval import evaluate_rows
+from fedmoa.eval import EvalResult, evaluate_rows
 from fedmoa.federation.centralized import CENTRAL_ID, pooled_client
 from fedmoa.federation.checkpoint import latest_checkpoint, save_checkpoint
 from fedmoa.federation.client import (
@@ -37,7 +38,7 @@ from fedmoa.federation.client import (
     objective_metrics,
     run_client_round,
 )
-from fedmoa.federation.config import ExperimentConfig
+from fedmoa.federation.config import ClientConfig, ExperimentConfig
 from fedmoa.federation.server import FederatedServer, RoundPlan
 from fedmoa.grpo.trainer import PhaseTimer
 from fedmoa.models import attach_lora
@@ -188,7 +189,12 @@ class EmbeddedFederation:
         every = cfg.server.eval_every
         if (every and server_round % every == 0) or server_round == cfg.server.rounds:
             with timer.phase("evaluate"):
-                records.append({"type": "eval", "round": server_round, **self.evaluate()})
+                local = (
+                    self.local_models(plan, updates, aggregated)
+                    if cfg.server.eval_local_models
+                    else {}
+                )
+                records.append({"type": "eval", "round": server_round, **self.evaluate(local)})
         round_record = next(r for r in records if r["type"] == "round")
         round_record.update({f"timing/{k}": v for k, v in timer.seconds.items()})
         for record in records:  # logged before the checkpoint: resume drops what has none
@@ -208,42 +214,62 @@ class EmbeddedFederation:
         )
         return records
 
-    def evaluate(self) -> dict[str, float]:
-        """Global adapter on every client's test split (averaged per task) and each client's
-        personalized adapter (task adapter; own adapter for ``local``) on its own split."""
+    def evaluate(self, local_models: Mapping[str, Adapter] | None = None) -> dict[str, float]:
+        """Test accuracy, per-objective reward means and hypervolume of three models per client.
+
+        ``global/``: the global adapter on every client's test split (averaged per task);
+        ``personal/``: its personalized adapter (task adapter; own adapter for ``local``);
+        ``local_model/``: what it trained this round (``local_models``), on its own split.
+        """
         cfg, state = self.cfg, self.server.state
+        local_models = local_models or {}
         out: dict[str, float] = {}
         per_task: dict[str, list[float]] = {}
         for client in cfg.clients:
-            test = self.data[client.id].test[: cfg.server.test_prompts]
-            max_new = cfg.server.eval_max_new_tokens or client.grpo.max_new_tokens
-            funcs = self.reward_funcs[client.id]
-            load_adapter(self.policy, state.global_adapter)
-            global_result = evaluate_rows(
-                self.policy, self.tokenizer, test, funcs, client.primary_reward, max_new
-            )
+            global_result = self.score(client, state.global_adapter)
             per_task.setdefault(client.task, []).append(global_result.accuracy)
-            out[f"global/{client.id}/accuracy"] = global_result.accuracy
+            out.update(global_result.metrics(f"global/{client.id}"))
             personal = state.client_adapters.get(client.id) or state.task_adapters.get(client.task)
-            if personal is not None:
-                load_adapter(self.policy, personal)
-                personal_result = evaluate_rows(
-                    self.policy, self.tokenizer, test, funcs, client.primary_reward, max_new
-                )
-            else:
-                personal_result = global_result
-            out[f"personal/{client.id}/accuracy"] = personal_result.accuracy
-            out.update(
-                {
-                    f"personal/{client.id}/rewards/{k}": v
-                    for k, v in personal_result.reward_means.items()
-                }
-            )
+            personal_result = global_result if personal is None else self.score(client, personal)
+            out.update(personal_result.metrics(f"personal/{client.id}"))
+            local = local_models.get(client.id)
+            if local is not None:
+                local_result = personal_result if local is personal else self.score(client, local)
+                out.update(local_result.metrics(f"local_model/{client.id}"))
         for task, values in per_task.items():
             out[f"global/{task}/accuracy"] = _mean(values)
         out["global/accuracy"] = _mean([out[f"global/{t}/accuracy"] for t in per_task])
-        out["personal/accuracy"] = _mean([out[f"personal/{c.id}/accuracy"] for c in cfg.clients])
+        for prefix, ids in (
+            ("personal", [c.id for c in cfg.clients]),
+            ("local_model", [c.id for c in cfg.clients if c.id in local_models]),
+        ):
+            for metric in ("accuracy", "hypervolume") if ids else ():
+                out[f"{prefix}/{metric}"] = _mean([out[f"{prefix}/{i}/{metric}"] for i in ids])
         return out
+
+    def score(self, client: ClientConfig, adapter: Adapter) -> EvalResult:
+        """Greedy pass@1 and reward means of ``adapter`` on ``client``'s test split."""
+        server = self.cfg.server
+        load_adapter(self.policy, adapter)
+        return evaluate_rows(
+            self.policy,
+            self.tokenizer,
+            self.data[client.id].test[: server.test_prompts],
+            self.reward_funcs[client.id],
+            client.primary_reward,
+            server.eval_max_new_tokens or client.grpo.max_new_tokens,
+        )
+
+    def local_models(
+        self, plan: RoundPlan, updates: list[ClientUpdate], aggregated: AggregationResult
+    ) -> dict[str, Adapter]:
+        """Each accepted client's adapter after its local training this round: its start adapter
+        plus its own update (for ``local``, the very adapter the server keeps for it)."""
+        rejected = {r.client_id for r in aggregated.rejected}
+        accepted = [u for u in updates if u.client_id not in rejected]
+        if self.cfg.server.method == "local":
+            return {u.client_id: self.server.state.client_adapters[u.client_id] for u in accepted}
+        return {u.client_id: apply_delta(plan.starts[u.client_id], u.delta, 1.0) for u in accepted}
 
     def finish(self) -> dict[str, Any]:
         """Save the final adapters in PEFT format and write ``summary.json``."""

@@ -72,6 +72,8 @@ class MethodSummary:
     runs: list[RunRecord]
     final_global: Stat
     final_personal: Stat
+    final_local_model: Stat
+    final_hypervolume: Stat
     bytes_up_per_round: Stat
     bytes_down_per_round: Stat
     delta_global: Delta | None = None  # None: no fedavg among the runs, or this is fedavg
@@ -97,6 +99,8 @@ def summarize(runs: list[RunRecord]) -> list[MethodSummary]:
             runs=group,
             final_global=Stat.of(r.final_global_accuracy for r in group),
             final_personal=Stat.of(r.final_personal_accuracy for r in group),
+            final_local_model=Stat.of(r.final_local_model_accuracy for r in group),
+            final_hypervolume=Stat.of(r.final_hypervolume for r in group),
             bytes_up_per_round=Stat.of(_per_round(r.bytes_up) for r in group),
             bytes_down_per_round=Stat.of(_per_round(r.bytes_down) for r in group),
         )

@@ -18,7 +18,10 @@ NOTES = (
     "Accuracy is greedy pass@1 of each client's primary objective on its test rows, at the "
     "last evaluated round. Global: the global adapter, averaged per task, then over tasks. "
     "Personalized: each client's personalized adapter (its task adapter; its own for 'local'), "
-    "averaged over clients. mean ± std is over seeds (sample std); with one seed there is no "
+    "averaged over clients. Local model: what each client trained in the last round (start "
+    "adapter plus its own update), on its own test rows. Hypervolume: the volume the "
+    "personalized adapter's per-objective test reward means dominate against the origin, "
+    "prod(max(r_i, 0)), averaged over clients; 0 when any objective is at 0. mean ± std is over seeds (sample std); with one seed there is no "
     "spread and only the mean is shown."
 )
 DELTA_NOTES = (
@@ -77,6 +80,7 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
     """One row per method: final accuracies (mean ± std over seeds), seeds, Δ, bytes."""
     with_delta = any(s.method == BASELINE for s in summaries)
     headers = ["method", "seeds", "final global acc", "final personalized acc"]
+    headers += ["final local-model acc", "final hypervolume"]
     if with_delta:
         headers += ["Δ global vs fedavg", "Δ personalized vs fedavg"]
     headers += ["KiB up/round", "KiB down/round"]
@@ -87,6 +91,8 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
             f"{len(s.runs)} ({', '.join(str(seed) for seed in s.seeds)})",
             s.final_global.fmt(),
             s.final_personal.fmt(),
+            s.final_local_model.fmt(),
+            s.final_hypervolume.fmt(),
         ]
         if with_delta:
             for d in (s.delta_global, s.delta_personal):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmoa.errors import DataError
+from fedmoa.eval.evaluate import hypervolume
 from fedmoa.jsonl import iter_jsonl
 
 # client id -> objective -> round -> value
@@ -46,6 +47,8 @@ class RunRecord:
     failures: list[tuple[int, str, str]] = field(default_factory=list)  # round, client, reason
     final_global_accuracy: float = math.nan
     final_personal_accuracy: float = math.nan
+    final_local_model_accuracy: float = math.nan  # NaN: the run did not score local models
+    final_hypervolume: float = math.nan  # of the personalized per-objective test reward means
     finished: bool = False  # summary.json is present
 
     @property
@@ -104,6 +107,10 @@ def load_run(path: str | Path) -> RunRecord:
     where = f"{path / 'summary.json'}: final_eval" if summary else str(metrics_path)
     run.final_global_accuracy = _number(final, "global/accuracy", where)
     run.final_personal_accuracy = _number(final, "personal/accuracy", where)
+    run.final_local_model_accuracy = _number(final, "local_model/accuracy", where)
+    run.final_hypervolume = _number(final, "personal/hypervolume", where)
+    if math.isnan(run.final_hypervolume):  # runs from before it was logged
+        run.final_hypervolume = _mean_hypervolume(final, list(run.clients))
     run.finished = summary is not None
     return run
 
@@ -150,6 +157,20 @@ def _add_eval(run: RunRecord, record: dict[str, Any], server_round: int, where: 
         key = f"personal/{client}/accuracy"
         if key in record:
             run.client_accuracy.setdefault(client, {})[server_round] = _number(record, key, where)
+
+
+def _mean_hypervolume(record: dict[str, Any], clients: list[str]) -> float:
+    """Mean over clients of the hypervolume of each one's logged personalized reward means."""
+    volumes = []
+    for client in clients:
+        prefix = f"personal/{client}/rewards/"
+        means = [
+            v for k, v in record.items() if k.startswith(prefix) and isinstance(v, float | int)
+        ]
+        if means:
+            volumes.append(hypervolume(float(v) for v in means))
+    kept = [v for v in volumes if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
 
 
 def _number(record: dict[str, Any], key: str, where: str, default: float = math.nan) -> float:
