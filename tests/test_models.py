@@ -312,11 +312,9 @@ def test_default_model_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path
     )
 
 
-def test_gguf_file_is_converted_once_then_read_from_cache(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The cache logic, with the (13 s) dequantization replaced by a tiny model."""
-    gguf = tmp_path / "My Model.Q4.gguf"
+def _fake_gguf(monkeypatch: pytest.MonkeyPatch, gguf: Path) -> tuple[Path, list[Path]]:
+    """A file with GGUF magic whose (13 s) dequantization yields the seed-1 tiny model; the
+    list records each conversion."""
     gguf.write_bytes(b"GGUF" + b"\0" * 100)
     calls: list[Path] = []
 
@@ -327,6 +325,14 @@ def test_gguf_file_is_converted_once_then_read_from_cache(
         return model, tokenizer
 
     monkeypatch.setattr(models, "_dequantize_gguf", fake_dequantize)
+    return gguf, calls
+
+
+def test_gguf_file_is_converted_once_then_read_from_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The cache logic, with the (13 s) dequantization replaced by a tiny model."""
+    gguf, calls = _fake_gguf(monkeypatch, tmp_path / "My Model.Q4.gguf")
     cache = tmp_path / "cache"
     model, tokenizer = load_model_and_tokenizer(
         str(gguf), dtype="fp32", device="cpu", cache_dir=cache
@@ -350,12 +356,7 @@ def test_gguf_path_with_expected_sha256_loads_only_the_right_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """``model.sha256`` guards third-party GGUFs: a wrong checksum stops before converting."""
-    gguf = tmp_path / "repacked.gguf"
-    gguf.write_bytes(b"GGUF" + b"\1" * 64)
-    calls: list[Path] = []
-    monkeypatch.setattr(
-        models, "_dequantize_gguf", lambda path: calls.append(path) or tiny_random_model(seed=2)
-    )
+    gguf, calls = _fake_gguf(monkeypatch, tmp_path / "repacked.gguf")
     cache = tmp_path / "cache"
     err = _raises_one_line(
         "checksum mismatch", load_model_and_tokenizer, str(gguf), cache_dir=cache, sha256="0" * 64
