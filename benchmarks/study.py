@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with (args.out / "timings.jsonl").open("a") as fh:
                 fh.write(json.dumps({"method": method, "seed": seed, "action": action,
                                      "seconds": round(seconds, 1)}) + "\n")  # fmt: skip
-    run_dirs = [str(args.out / f"{m}-seed{s}") for m, s in runs]
+    # Relative to the working directory, so a committed report names no machine's paths.
+    run_dirs = [os.path.relpath(args.out / f"{m}-seed{s}") for m, s in runs]
     finished = [d for d in run_dirs if (Path(d) / "summary.json").is_file()]
     command = [*FEDMOA, "report", *finished, "--output", str(args.out / "report")]
     return subprocess.run(command, check=False).returncode
