@@ -76,3 +76,59 @@ def test_roofline_smoke(tmp_path: Path) -> None:
             "fraction_of_bound",
         }
         assert row["bound_tok_s"] > 0
+
+
+BASE_EXPERIMENT = """
+seed = 4
+[model]
+name = "tiny-random-qwen2"
+dtype = "fp32"
+device = "cpu"
+[server]
+method = "local"
+rounds = 1
+validation_prompts = 2
+test_prompts = 3
+[client_defaults]
+grpo = { batch_size = 2, group_size = 2, max_new_tokens = 5, lr = 0.05 }
+data = { source = "reasoning_gym", name = "basic_arithmetic", size = 20 }
+rewards = [
+  { name = "brevity", function = "length", role = "primary", params = { target = 3 } },
+  { name = "boxed", function = "format", weight = 0.5 },
+]
+[[clients]]
+id = "a"
+task = "sums"
+[[clients]]
+id = "b"
+task = "chains"
+data = { name = "chain_sum", seed = 3 }
+"""
+
+
+def test_base_accuracy_matches_a_run_whose_global_adapter_never_moves(tmp_path: Path) -> None:
+    """``local`` leaves the global adapter at its initial value (the base model), so the
+    script's figures must equal that run's global evaluation, row for row."""
+    from fedmoa.federation.config import load_experiment
+    from fedmoa.federation.embedded import EmbeddedFederation
+    from fedmoa.runs import RunDirectory
+
+    experiment = tmp_path / "experiment.toml"
+    experiment.write_text(BASE_EXPERIMENT)
+    federation = EmbeddedFederation(load_experiment(experiment), RunDirectory(tmp_path / "run"))
+    federation.run_rounds()
+    record = next(r for r in federation.run.read_metrics() if r["type"] == "eval")
+    out = tmp_path / "base.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "base_accuracy.py"), str(experiment), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = json.loads(out.read_text())
+    global_keys = {k for k in record if k.startswith("global/")}
+    assert {"global/a/rewards/brevity", "global/b/accuracy", "global/accuracy"} <= global_keys
+    assert {k: base[k] for k in global_keys} == {k: record[k] for k in global_keys}
+    assert base["global/accuracy"] > 0  # the brevity primary scores a random model's text
