@@ -82,6 +82,22 @@ def run_one(cfg: dict[str, Any], log: Path) -> tuple[str, float]:
     return action, time.perf_counter() - start
 
 
+def finished_runs(out: Path, methods: Sequence[str]) -> list[str]:
+    """Every finished run of these methods in OUT, whatever its seed.
+
+    Why not just this call's seeds: seeds are added a few at a time across sessions, and the
+    report must cover all of them. Paths are relative to the working directory, so a committed
+    report names no machine's paths.
+    """
+    found = []
+    for order, method in enumerate(methods):
+        for run in out.glob(f"{method}-seed*"):
+            seed = run.name.removeprefix(f"{method}-seed")
+            if seed.isdigit() and (run / "summary.json").is_file():
+                found.append((order, int(seed), os.path.relpath(run)))
+    return [path for _, _, path in sorted(found)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     base = tomllib.loads(args.config.read_text())
@@ -95,9 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with (args.out / "timings.jsonl").open("a") as fh:
                 fh.write(json.dumps({"method": method, "seed": seed, "action": action,
                                      "seconds": round(seconds, 1)}) + "\n")  # fmt: skip
-    # Relative to the working directory, so a committed report names no machine's paths.
-    run_dirs = [os.path.relpath(args.out / f"{m}-seed{s}") for m, s in runs]
-    finished = [d for d in run_dirs if (Path(d) / "summary.json").is_file()]
+    finished = finished_runs(args.out, args.methods)
     command = [*FEDMOA, "report", *finished, "--output", str(args.out / "report")]
     return subprocess.run(command, check=False).returncode
 

@@ -3,6 +3,7 @@ resumes from its last checkpoint, and the report covers every finished run."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -85,3 +86,29 @@ def test_study_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path: Path
     assert rounds == [1, 2]
     timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
     assert [t["action"] for t in timings] == ["ran", "ran", "resumed", "done before"]
+
+
+def test_report_covers_finished_runs_of_every_seed_not_only_this_calls(
+    tmp_path: Path, monkeypatch
+) -> None:
+    spec = importlib.util.spec_from_file_location("study", BENCHMARKS / "study.py")
+    assert spec is not None and spec.loader is not None
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    for name, done in [
+        ("fedmoa-seed10", True),
+        ("fedmoa-seed2", True),
+        ("fedavg-seed1", True),
+        ("fedavg-seed0", False),  # interrupted: no summary
+        ("local-seed0", True),  # a method not asked for
+        ("fedmoa-hg-seed0", True),  # shares the "fedmoa-" prefix
+    ]:
+        (tmp_path / name).mkdir()
+        if done:
+            (tmp_path / name / "summary.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert study.finished_runs(Path("."), ["fedavg", "fedmoa"]) == [
+        "fedavg-seed1",
+        "fedmoa-seed2",
+        "fedmoa-seed10",
+    ]
