@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 STUDY = """
@@ -89,7 +91,7 @@ def test_study_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path: Path
 
 
 def test_report_covers_finished_runs_of_every_seed_not_only_this_calls(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = importlib.util.spec_from_file_location("study", BENCHMARKS / "study.py")
     assert spec is not None and spec.loader is not None
