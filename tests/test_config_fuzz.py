@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 
 from fedmoa.cli import app
 from fedmoa.config import (
-    HypergradientConfig,
     LoraConfig,
     ModelConfig,
     RewardConfig,
@@ -154,7 +153,7 @@ EXPERIMENT_TABLES: dict[Path_, Any] = {
     ("model",): ModelConfig,
     ("lora",): LoraConfig,
     ("server",): ServerConfig,
-    ("hypergradient",): HypergradientConfig,
+    ("hypergradient",): WeightingConfig,
     ("client_defaults",): ClientConfig,
     ("client_defaults", "grpo"): GRPOSettings,
     ("client_defaults", "data"): DataConfig,
@@ -207,6 +206,10 @@ LITERALS = {
     "eager",
     "flash_attention_2",
     "hypergradient",
+    "persistent",
+    "cosine",
+    "saw",
+    "variance",
 }
 
 

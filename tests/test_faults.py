@@ -502,7 +502,7 @@ def test_embedded_crashed_and_timed_out_clients_are_left_out_of_their_round(tmp_
             None,
             method="fedmoa",
             server=short,
-            hypergradient=federation.cfg.hypergradient,
+            weighting_config=federation.cfg.weighting,
             seed=0,
             server_round=3,
         )

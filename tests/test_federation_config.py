@@ -73,7 +73,7 @@ def test_heterogeneous_clients_with_merged_defaults(tmp_path):
     # A dataset's own kwargs replace the default's instead of merging with them.
     assert cfg.clients[2].data.params == {"min_terms": 2}
     assert cfg.clients[0].data.params == {"operators": ["+"]}
-    assert cfg.server.t_acc == 0.2 and cfg.hypergradient.eta == 0.5
+    assert cfg.server.t_acc == 0.2 and cfg.weighting.eta == 0.5
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError, ModelLoadError
 from fedmoa.grpo.trainer import GRPOSettings
 from fedmoa.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_dtype
+from fedmoa.weighting.config import WeightingConfig
 
 STRICT = ConfigDict(extra="forbid")
 T = TypeVar("T")
@@ -118,24 +119,6 @@ class RewardConfig:
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
-@dataclass(config=STRICT)
-class HypergradientConfig:
-    """FedMOA's client weighting (fedmoa-algorithm.md, client step 6)."""
-
-    eta: float = Field(1.0, gt=0, allow_inf_nan=False)  # η_hg
-    w_min: float = Field(0.02, ge=0, lt=1)  # floor of every weight
-    anchor: float = Field(0.0, ge=0, le=1)  # λ_anchor, pull toward the initial logits
-    probe: Literal["last2", "all"] = "last2"  # LoRA B of the last 2 layers, or every LoRA tensor
-    carry_across_rounds: bool = True
-
-
-@dataclass(config=STRICT)
-class WeightingConfig(HypergradientConfig):
-    """``[weighting]`` of train-local: the method plus the hypergradient's settings."""
-
-    method: Literal["static", "hypergradient"] = "static"
-
-
 def check_rewards(rewards: list[RewardConfig]) -> list[RewardConfig]:
     """Exactly one primary objective, unique names, some positive weight."""
     if not rewards:
@@ -165,6 +148,7 @@ class TrainLocalConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    # ``method = "auto"`` is static here (no federation to imply otherwise).
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     @field_validator("rewards")

@@ -18,7 +18,7 @@ from fedmoa.models import LoraSettings, attach_lora
 from fedmoa.rewards import RewardFunc, load_reward_function
 from fedmoa.rewards.base import with_policy
 from fedmoa.runs import RunDirectory
-from fedmoa.weighting import RewardWeighting, StaticWeighting
+from fedmoa.weighting import build_weighting
 
 
 def seed_everything(seed: int) -> None:
@@ -41,11 +41,6 @@ def build_reward_funcs(
     return funcs
 
 
-def build_weighting(cfg: TrainLocalConfig) -> RewardWeighting:
-    names = [r.name for r in cfg.rewards]
-    return StaticWeighting(names, cfg.primary_reward, [r.weight for r in cfg.rewards])
-
-
 def lora_settings(cfg: TrainLocalConfig) -> LoraSettings:
     lora = cfg.lora
     return LoraSettings(
@@ -63,9 +58,14 @@ def build_local_trainer(cfg: TrainLocalConfig) -> LocalTrainer:
     seed_everything(cfg.seed)
     model, tokenizer = cfg.model.load()
     policy = attach_lora(model, lora_settings(cfg))
-    return LocalTrainer(
-        policy, tokenizer, rows, reward_funcs, build_weighting(cfg), cfg.grpo, seed=cfg.seed
+    weighting = build_weighting(
+        cfg.weighting,
+        [r.name for r in cfg.rewards],
+        cfg.primary_reward,
+        [r.weight for r in cfg.rewards],
+        policy,
     )
+    return LocalTrainer(policy, tokenizer, rows, reward_funcs, weighting, cfg.grpo, seed=cfg.seed)
 
 
 def start_run(

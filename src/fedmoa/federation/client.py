@@ -19,15 +19,14 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedmoa.aggregation import Adapter, ClientUpdate
-from fedmoa.config import HypergradientConfig
 from fedmoa.data import load_rows, split_rows
 from fedmoa.errors import DataError
 from fedmoa.eval import evaluate_rows
-from fedmoa.federation.config import HYPERGRADIENT_METHODS, ClientConfig, ServerConfig
+from fedmoa.federation.config import ClientConfig, ServerConfig
 from fedmoa.grpo.trainer import STEP_PHASES, LocalTrainer
 from fedmoa.rewards import RewardFunc
 from fedmoa.train_local import build_reward_funcs
-from fedmoa.weighting import RewardWeighting, StaticWeighting
+from fedmoa.weighting import RewardWeighting, WeightingConfig, build_weighting
 from fedmoa.weighting.hypergradient import HypergradientWeighting
 
 Row = dict[str, Any]
@@ -105,30 +104,6 @@ def transport_bytes(adapter: Adapter, transport_dtype: str) -> int:
     if wire is None:
         return adapter_bytes(adapter)
     return sum(t.numel() for t in adapter.values()) * torch.finfo(wire).bits // 8
-
-
-def make_weighting(
-    method: str, client: ClientConfig, hypergradient: HypergradientConfig, policy: Any
-) -> RewardWeighting:
-    """Static weights for the baselines, FedMOA's hypergradient for ``fedmoa`` and ``fedmoa-hg``."""
-    names = [r.name for r in client.rewards]
-    initial = [r.weight for r in client.rewards]
-    if method not in HYPERGRADIENT_METHODS:
-        # The centralized learner's weights are already normalised per source client.
-        return StaticWeighting(
-            names, client.primary_reward, initial, normalize=method != "centralized"
-        )
-    return HypergradientWeighting.for_model(
-        policy,
-        names,
-        client.primary_reward,
-        initial,
-        probe=hypergradient.probe,
-        eta=hypergradient.eta,
-        w_min=hypergradient.w_min,
-        anchor=hypergradient.anchor,
-        carry_across_rounds=hypergradient.carry_across_rounds,
-    )
 
 
 def proximal_term(policy: Any, anchor: Adapter, mu: float) -> Callable[[], torch.Tensor]:
@@ -211,7 +186,7 @@ def run_client_round(
     *,
     method: str,
     server: ServerConfig,
-    hypergradient: HypergradientConfig,
+    weighting_config: WeightingConfig,
     seed: int,
     server_round: int,
     started: float | None = None,
@@ -226,7 +201,15 @@ def run_client_round(
     with deadline.watch(policy):
         torch.manual_seed(stable_seed(seed, client.id, server_round))
         load_adapter(policy, start)
-        weighting = make_weighting(method, client, hypergradient, policy)
+        weighting = build_weighting(
+            weighting_config,
+            [r.name for r in client.rewards],
+            client.primary_reward,
+            [r.weight for r in client.rewards],
+            policy,
+            run_method=method,
+            normalize=method != "centralized",
+        )
         trainer = LocalTrainer(
             policy,
             tokenizer,

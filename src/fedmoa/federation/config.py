@@ -18,7 +18,6 @@ from pydantic.dataclasses import dataclass
 
 from fedmoa.config import (
     STRICT,
-    HypergradientConfig,
     Location,
     LoraConfig,
     ModelConfig,
@@ -31,6 +30,7 @@ from fedmoa.config import (
 from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError
 from fedmoa.grpo.trainer import GRPOSettings
+from fedmoa.weighting.config import WeightingConfig
 
 Method = Literal[
     "fedavg",
@@ -124,8 +124,10 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    # Used by the methods with hypergradient weighting (fedmoa, fedmoa-hg); the others use static weights.
-    hypergradient: HypergradientConfig = field(default_factory=HypergradientConfig)
+    # Every client's weighting. ``method = "auto"``: hypergradient for fedmoa/fedmoa-hg, static
+    # for the others; a dynamic method (e.g. "saw") with fedavg gives FedAvg + that weighting.
+    # ``[hypergradient]`` is accepted as another name for this table (older experiments).
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     @field_validator("clients")
     @classmethod
@@ -147,6 +149,15 @@ class ExperimentConfig:
             )
         if self.server.min_clients > (per_round or len(self.clients)):
             raise ValueError("server.min_clients exceeds the clients sampled per round")
+        weighting, method = self.weighting.method, self.server.method
+        if method in HYPERGRADIENT_METHODS and weighting not in ("auto", "hypergradient"):
+            raise ValueError(
+                f"weighting.method = {weighting!r} contradicts server.method = {method!r}, "
+                "whose clients use hypergradient weights (fedmoa-taa is task-aware aggregation "
+                "with other weights)"
+            )
+        if method == "centralized" and weighting not in ("auto", "static"):
+            raise ValueError("weighting.method: the centralized baseline uses static weights")
         return self
 
 
@@ -174,6 +185,16 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read, merge ``[client_defaults]`` into each client, validate (strictly typed); errors name
     the field path, in ``[client_defaults]`` when the bad value came from there."""
     data = read_toml(path)
+    legacy = "hypergradient" in data
+    if legacy:
+        if "weighting" in data:
+            raise ConfigError(
+                f"{path}: hypergradient: [hypergradient] and [weighting] are the same table; "
+                "keep [weighting]"
+            )
+        data["weighting"] = data.pop("hypergradient")
+        if isinstance(data["weighting"], dict) and "method" in data["weighting"]:
+            raise ConfigError(f"{path}: hypergradient.method: unknown key (it is weighting.method)")
     defaults = data.pop("client_defaults", {})
     if not isinstance(defaults, dict):
         raise ConfigError(f"{path}: client_defaults: must be a table")
@@ -184,6 +205,8 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         ]
 
     def locate(loc: Location) -> str:
+        if legacy and loc and loc[0] == "weighting":
+            return field_path(("hypergradient", *loc[1:]))
         if len(loc) > 2 and loc[0] == "clients" and isinstance(loc[1], int):
             own = clients[loc[1]] if isinstance(clients, list) and loc[1] < len(clients) else None
             if _from_defaults(own, defaults, loc[2:]):

@@ -129,7 +129,7 @@ class EmbeddedFederation:
                     self.client_states.get(client_id),
                     method=cfg.server.method,
                     server=cfg.server,
-                    hypergradient=cfg.hypergradient,
+                    weighting_config=cfg.weighting,
                     seed=cfg.seed,
                     server_round=server_round,
                 )

@@ -560,7 +560,7 @@ def train(message: Message, context: Context) -> Message:
         records_to_state(context.state, prefix),
         method=cfg.server.method,
         server=cfg.server,
-        hypergradient=cfg.hypergradient,
+        weighting_config=cfg.weighting,
         seed=cfg.seed,
         server_round=int(round_config["server-round"]),
         started=started,

@@ -68,6 +68,15 @@ def objective_advantages(
     return torch.nan_to_num(adv, nan=0.0)
 
 
+def objective_zero_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[m]: per objective, the fraction of groups with zero reward spread (TRL's
+    ``frac_reward_zero_std``, one objective at a time); a group with fewer than two
+    applicable rewards has no spread either. An objective at 1.0 gives no signal."""
+    grouped = rewards.float().view(-1, group_size, rewards.shape[1])
+    std = nanstd(grouped, dim=1).nan_to_num(0.0)
+    return torch.isclose(std, torch.zeros(())).float().mean(dim=0)
+
+
 def combine_advantages(
     rewards: torch.Tensor,
     weights: torch.Tensor,

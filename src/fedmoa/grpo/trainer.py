@@ -23,12 +23,13 @@ from fedmoa.grpo.advantages import (
     ScaleRewards,
     combine_advantages,
     objective_advantages,
+    objective_zero_std,
 )
 from fedmoa.grpo.logprobs import completion_logps
 from fedmoa.grpo.loss import LossSettings, LossType, policy_loss
 from fedmoa.grpo.rollout import Rollout, SamplingSettings, generate_rollouts
 from fedmoa.rewards import RewardFunc, compute_rewards
-from fedmoa.weighting import RewardWeighting, StepSignals
+from fedmoa.weighting import RewardBatch, RewardWeighting, StepSignals
 
 Row = dict[str, Any]
 
@@ -184,7 +185,12 @@ def grpo_step(
         ]
         rewards = compute_rewards(reward_funcs, prompts, completions, columns)
 
-    # 3. Group-relative advantages per objective, mixed with the current weights.
+    # 3. Group-relative advantages per objective, mixed with the current weights (which may
+    #    first look at this batch: saturation, or the spread that SAW/variance weight by).
+    metrics: dict[str, float] = {}
+    zero_std = objective_zero_std(rewards, group)
+    with timer.phase("weighting"):
+        metrics.update(weighting.observe_batch(RewardBatch(rewards, group, zero_std)))
     weights = weighting.weights()
     per_objective = objective_advantages(rewards, group, settings.scale_rewards)
     advantages, adv_stats = combine_advantages(
@@ -211,7 +217,6 @@ def grpo_step(
                 old_logps = completion_logps(policy, *inputs, settings.temperature)
 
     # 5. The clipped surrogate, num_iterations times over the same batch.
-    metrics: dict[str, float] = {}
     params = [p for p in policy.parameters() if p.requires_grad]
     for iteration in range(settings.num_iterations):
         with timer.phase("forward_backward"):
@@ -244,6 +249,9 @@ def grpo_step(
     metrics.update(loss_stats)
     metrics.update(adv_stats)
     metrics.update(reward_metrics(names, rewards, weights))
+    metrics.update(
+        {f"frac_reward_zero_std/{n}": float(z) for n, z in zip(names, zero_std, strict=True)}
+    )
     metrics.update(completion_metrics(rollout))
     metrics["loss"] = loss.item()
     metrics["grad_norm"] = grad_norm.item()

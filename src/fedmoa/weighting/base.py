@@ -8,6 +8,7 @@ state in ``state_dict()`` so that it survives rounds, checkpoints and Flower's
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ class StepSignals:
     reward_means: torch.Tensor  # [m] (NaN where an objective applied to no sample)
 
 
+@dataclass
+class RewardBatch:
+    """A step's scored batch, shown to the weighting before its weights mix the advantages,
+    so that statistics-based rules (SAW, variance) weight the batch they measured."""
+
+    rewards: torch.Tensor  # [N, m] raw rewards, prompt-major groups of ``group_size``, NaN = n/a
+    group_size: int
+    zero_std: torch.Tensor  # [m] per objective, fraction of groups with zero spread
+
+
 class RewardWeighting(ABC):
     """Base class: a named weight vector plus an update rule."""
 
@@ -39,6 +50,11 @@ class RewardWeighting(ABC):
     @abstractmethod
     def weights(self) -> torch.Tensor:
         """Current weights [m], non-negative and summing to 1."""
+
+    def observe_batch(self, batch: RewardBatch) -> dict[str, float]:
+        """See the step's rewards before ``weights()`` mixes them; returns metrics to log."""
+        del batch
+        return {}
 
     def observe(self, signals: StepSignals) -> dict[str, float]:
         """Update the weights from one step; returns metrics to log. Static strategies ignore it."""
@@ -57,6 +73,20 @@ class RewardWeighting(ABC):
 
     def weight_metrics(self) -> dict[str, float]:
         return {f"weights/{n}": float(w) for n, w in zip(self.names, self.weights(), strict=True)}
+
+
+def floored(shares: torch.Tensor, w_min: float) -> torch.Tensor:
+    """``w = w_min + (1 − m·w_min)·shares``: shares on the simplex, every weight at least
+    ``w_min``, so that no objective vanishes."""
+    return w_min + (1.0 - shares.numel() * w_min) * shares
+
+
+def check_floor(w_min: float, m: int) -> float:
+    if not (math.isfinite(w_min) and w_min >= 0 and m * w_min < 1):
+        raise ValueError(
+            f"w_min must satisfy 0 <= w_min and m·w_min < 1 (m={m}), got w_min={w_min}"
+        )
+    return float(w_min)
 
 
 def normalize_weights(weights: Sequence[float]) -> torch.Tensor:

@@ -1,24 +1,36 @@
 """Online reward weighting by hypergradient descent (the FedMOA client part).
 
-The weights live on a floored simplex, ``w = w_min + (1 - m·w_min)·softmax(z)``,
-so that no objective ever vanishes. At every step the weighting measures, for each
-objective ``i``, how well that objective's *previous* update direction on a small
-probe set of LoRA parameters lines up with the direction that *now* improves the
-primary objective: ``u_i = cos(g_p^s, g_i^{s-1})``. This is the one-step-delayed
-hypergradient of Baydin et al. (2018); the cosine makes it free of reward scale.
-The logits then ascend ``Σ_i w_i u_i``:
+The weights live on a floored simplex, ``w = w_min + (1 - m·w_min)·softmax(z + log γ)``,
+so that no objective ever vanishes (``γ`` is the saturation gate, 1 unless the rule
+gates). Every step the weighting takes each objective's gradient on a small probe set of
+LoRA parameters, ``g_i = ∇_P L(θ; Â_i)``, and asks how well objective ``i``'s *earlier*
+update direction lines up with the direction that *now* improves the primary objective:
+the one-step-delayed hypergradient of Baydin et al. (2018). Two rules:
 
-    z_i ← z_i + η·w_i·(u_i − Σ_j w_j u_j) − λ_anchor·(z_i − z_i^0)
+``persistent`` (default; derived in docs/design.md, "Hypergradient weighting"):
 
-A saturated objective has ``Â_i = 0``, hence ``g_i = 0`` and ``u_i = 0``, so its
-weight flows to the objectives that still help the primary one.
+    m_i ← EMA_ema(g_i)                  objective i's persistent direction
+    q_i ← EMA_ema(‖g_i‖²)               its running squared scale
+    u_i = ⟨g_p^s, m_i^{s-1}⟩ / (‖g_p^s‖·√q_i^{s-1})   ∈ [-1, 1]
+    d_i = ∂(Σ_j w_j u_j)/∂z_i = (1 − m·w_min)·s_i·(u_i − Σ_j s_j u_j),  s = softmax(z + log γ)
+    z ← z + η·m̂/(√v̂ + ε)  (Adam moments of d; η in logits per step) − λ_anchor·(z − z⁰)
+
+  ``u_i`` is a cosine with the persistent direction, shrunk by how persistent that
+  direction is (``‖m_i‖/√q_i``, 1 for a fixed direction, about ``√((1−ema)/(1+ema))`` for
+  pure noise). Saturation is explicit: an auxiliary whose groups all had zero reward spread
+  for ``saturation_window`` steps in a row is *saturated*; its gate decays by
+  ``saturation_decay`` per step (its weight goes to ``w_min``) and its logit is frozen; each
+  step in which it has spread again multiplies the gate back by ``1/saturation_decay`` up
+  to 1.
+
+``cosine`` (the rule of fedmoa-algorithm.md, step 6):
+
+    u_i = cos(g_p^s, g_i^{s-1}),  z_i ← z_i + η·w_i·(u_i − Σ_j w_j u_j) − λ_anchor·(z_i − z_i⁰)
 
 Cost: the m probe gradients reuse the step's forward graph, and backward stops at
 the probe (by default the LoRA ``B`` matrices of the last two layers). Without
 hooks that is one partial backward per objective; with ``hook_model`` (what
 ``for_model`` does by default) one partial backward serves all m objectives.
-
-See docs "Client: one round of local GRPO", items 4 and 6.
 """
 
 from __future__ import annotations
@@ -33,7 +45,14 @@ from typing import Any
 
 import torch
 
-from fedmoa.weighting.base import RewardWeighting, StepSignals, normalize_weights
+from fedmoa.weighting.base import (
+    RewardBatch,
+    RewardWeighting,
+    StepSignals,
+    check_floor,
+    floored,
+    normalize_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +65,13 @@ _LAST_K = re.compile(r"last(\d+)")
 # below the floor maps to a finite, very negative logit (weight ≈ w_min), not -inf,
 # which would turn the anchor term ``z - z0`` into NaN.
 _TINY = 1e-8
+# A fully closed saturation gate, as a log: weight w_min up to 1e-9, and still finite.
+_LOG_GATE_MIN = -20.0
+RULES = ("persistent", "cosine")
+# The persistent rule's second-moment factor and epsilon, Adam's defaults: with a few dozen
+# steps the bias-corrected v̂ is the plain mean of the squared logit gradients so far.
+_ADAM_BETA2 = 0.999
+_ADAM_EPS = 1e-12
 
 
 def select_probe_params(
@@ -145,24 +171,39 @@ class HypergradientWeighting(RewardWeighting):
         w_min: float = 0.02,
         anchor: float = 0.0,
         carry_across_rounds: bool = True,
+        rule: str = "cosine",
+        ema: float = 0.8,
+        momentum: float = 0.9,
+        saturation_window: int = 3,
+        saturation_decay: float = 0.5,
     ) -> None:
         super().__init__(names, primary)
         m = len(self.names)
         if len(initial) != m:
             raise ValueError(f"{m} objectives but {len(initial)} initial weights")
+        if rule not in RULES:
+            raise ValueError(f"unknown hypergradient rule {rule!r}: expected one of {RULES}")
         if not (math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be finite and >= 0, got {eta}")
-        if not (math.isfinite(w_min) and w_min >= 0 and m * w_min < 1):
-            raise ValueError(
-                f"w_min must satisfy 0 <= w_min and m·w_min < 1 (m={m}), got w_min={w_min}"
-            )
         if not (0 <= anchor <= 1):
             # λ > 1 overshoots z0 every step and λ > 2 diverges.
             raise ValueError(f"anchor must be in [0, 1], got {anchor}")
+        for label, value in (("ema", ema), ("momentum", momentum)):
+            if not (0 <= value < 1):
+                raise ValueError(f"{label} must be in [0, 1), got {value}")
+        if not (isinstance(saturation_window, int) and saturation_window >= 1):
+            raise ValueError(f"saturation_window must be an integer >= 1, got {saturation_window}")
+        if not (0 < saturation_decay < 1):
+            raise ValueError(f"saturation_decay must be in (0, 1), got {saturation_decay}")
+        self.rule = rule
         self.eta = float(eta)
-        self.w_min = float(w_min)
+        self.w_min = check_floor(w_min, m)
         self.anchor = float(anchor)
         self.carry_across_rounds = carry_across_rounds
+        self.ema = float(ema)
+        self.momentum = float(momentum)
+        self.saturation_window = saturation_window
+        self.saturation_decay = float(saturation_decay)
         w0 = normalize_weights(initial).double()
         mass = 1.0 - m * self.w_min
         self.z0 = torch.log((w0 - self.w_min).clamp(min=_TINY) / mass)
@@ -180,8 +221,16 @@ class HypergradientWeighting(RewardWeighting):
         self._parts: dict[int, torch.Tensor] = {}
         self.last_path = "none"  # how the last probe gradients were computed
         self.set_probe_params(probe_params)
-        # g^{s-1}: one flattened float32 probe gradient per objective, or None.
+        # cosine: g^{s-1}; persistent: the EMA m of each objective's probe gradient.
+        # One flattened float32 row per objective, or None before the first step.
         self.cached: torch.Tensor | None = None
+        self.ema_sq = torch.zeros(m, dtype=torch.float64)  # q: EMA of ‖g_i‖²
+        self.ema_steps = 0  # gradients folded into the EMA (for its bias correction)
+        self.adam_m = torch.zeros(m, dtype=torch.float64)
+        self.adam_v = torch.zeros(m, dtype=torch.float64)
+        self.adam_steps = 0
+        self.log_gate = torch.zeros(m, dtype=torch.float64)  # log γ, 0 = open
+        self.zero_run = torch.zeros(m, dtype=torch.long)  # consecutive zero-spread steps
         self.steps = 0  # observe() calls
         self.updates = 0  # logit updates made
 
@@ -191,8 +240,13 @@ class HypergradientWeighting(RewardWeighting):
         return self._mix(self.z).float()
 
     def _mix(self, z: torch.Tensor) -> torch.Tensor:
-        m = len(self.names)
-        return self.w_min + (1.0 - m * self.w_min) * torch.softmax(z, dim=0)
+        return floored(torch.softmax(z + self.log_gate, dim=0), self.w_min)
+
+    def saturated(self) -> torch.Tensor:
+        """[m] bool: auxiliaries with zero spread in every group for the whole window."""
+        flags = self.zero_run >= self.saturation_window
+        flags[self.primary_index] = False  # the primary is what the weight flows to
+        return flags if self.rule == "persistent" else torch.zeros_like(flags)
 
     # -- probe -----------------------------------------------------------------------------
 
@@ -390,16 +444,32 @@ class HypergradientWeighting(RewardWeighting):
 
     # -- update ----------------------------------------------------------------------------
 
+    def observe_batch(self, batch: RewardBatch) -> dict[str, float]:
+        """Saturation bookkeeping (persistent rule), before this step's weights are used, so
+        that a saturated objective's weight already falls on the step that confirms it."""
+        zero = torch.as_tensor(batch.zero_std, dtype=torch.float64).cpu() >= 1.0
+        if zero.shape != (len(self.names),):
+            raise ValueError(f"zero_std must have shape ({len(self.names)},)")
+        self.zero_run = torch.where(zero, self.zero_run + 1, torch.zeros_like(self.zero_run))
+        if self.rule == "persistent":
+            saturated = self.saturated()
+            step = math.log(self.saturation_decay)
+            gate = torch.where(saturated, self.log_gate + step, self.log_gate)
+            gate = torch.where(~zero, gate - step, gate)  # spread again: reopen
+            self.log_gate = gate.clamp(_LOG_GATE_MIN, 0.0)
+        return {}
+
     def observe(self, signals: StepSignals) -> dict[str, float]:
         """Update the logits from this step's graph; call after the loss, before backward.
 
         Metrics (same keys every step): ``alignment/<name>`` is ``u_i``, and 0.0 on a
         step without cached gradients (the value that makes no update, and a valid
-        JSON/Flower metric, unlike NaN); ``hypergrad/updated`` says whether the logits
-        moved, so a 0 alignment from "no cache" can be told from a saturated
-        objective; ``probe_grad_norm/<name>`` is ``‖g_i^s‖``; ``hypergrad/per_sample``
-        says whether the one-backward path of ``hook_model`` was taken;
-        ``timing/hypergradient`` is this call's wall time.
+        JSON/Flower metric, unlike NaN); ``saturated/<name>`` is the saturation state
+        (always 0 under the cosine rule); ``hypergrad/updated`` says whether the logits
+        moved, so a 0 alignment from "no cache" can be told from a saturated objective;
+        ``probe_grad_norm/<name>`` is ``‖g_i^s‖``; ``hypergrad/per_sample`` says whether
+        the one-backward path of ``hook_model`` was taken; ``timing/hypergradient`` is
+        this call's wall time.
         """
         start = time.perf_counter()
         grads = self.probe_gradients(signals)
@@ -408,26 +478,77 @@ class HypergradientWeighting(RewardWeighting):
         updated = self.cached is not None
         if self.cached is not None:
             primary = grads[self.primary_index]
-            alignment = _row_cosines(primary, self.cached.to(primary.device)).double().cpu()
-            w = self._mix(self.z)
-            step = self.eta * w * (alignment - (w * alignment).sum())
+            cached = self.cached.to(primary.device)
+            if self.rule == "cosine":
+                alignment = _row_cosines(primary, cached).double().cpu()
+                w = self._mix(self.z)
+                step = self.eta * w * (alignment - (w * alignment).sum())
+            else:
+                alignment = self._persistent_alignment(primary, cached)
+                step = self._adam_step(alignment)
             self.z = self.z + step - self.anchor * (self.z - self.z0)
             self.updates += 1
-        self.cached = grads.detach()
+        self._fold(grads.detach())
         self.steps += 1
         self._seen.clear()  # the next step's forward must run through the hooks again
         norms = _row_norms(grads).cpu().tolist()
+        saturated = self.saturated().tolist()
         metrics = {f"alignment/{n}": float(u) for n, u in zip(self.names, alignment, strict=True)}
+        metrics.update(
+            {f"saturated/{n}": float(v) for n, v in zip(self.names, saturated, strict=True)}
+        )
         metrics.update({f"probe_grad_norm/{n}": v for n, v in zip(self.names, norms, strict=True)})
         metrics["hypergrad/updated"] = float(updated)
         metrics["hypergrad/per_sample"] = float(self.last_path == "per_sample")
         metrics["timing/hypergradient"] = time.perf_counter() - start
         return metrics
 
+    def _persistent_alignment(self, primary: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        """``u_i = ⟨g_p, m̂_i⟩ / (‖g_p‖·√q̂_i)``: the cosine with the persistent direction,
+        times its persistence ``‖m̂_i‖/√q̂_i ≤ 1``; 0 where either side is zero."""
+        correction = 1.0 - self.ema**self.ema_steps
+        cosines = _row_cosines(primary, cached).double().cpu()
+        m_norm = _row_norms(cached).double().cpu() / correction
+        q_root = (self.ema_sq / correction).sqrt()
+        persistence = torch.where(q_root > 0, m_norm / q_root.clamp(min=1e-300), 0.0)
+        return cosines * persistence.clamp(max=1.0)
+
+    def _adam_step(self, alignment: torch.Tensor) -> torch.Tensor:
+        """Ascent on ``Σ_j w_j u_j`` through the gated softmax, Adam-normalised per logit so
+        that ``η`` is the step in logits; saturated objectives' logits stay where they are
+        (their gate does the work, and they resume from there when they de-saturate)."""
+        m = len(self.names)
+        shares = torch.softmax(self.z + self.log_gate, dim=0)
+        grad = (1.0 - m * self.w_min) * shares * (alignment - (shares * alignment).sum())
+        frozen = self.saturated()
+        grad = torch.where(frozen, torch.zeros_like(grad), grad)
+        self.adam_steps += 1
+        self.adam_m = self.momentum * self.adam_m + (1 - self.momentum) * grad
+        self.adam_v = _ADAM_BETA2 * self.adam_v + (1 - _ADAM_BETA2) * grad**2
+        m_hat = self.adam_m / (1 - self.momentum**self.adam_steps)
+        v_hat = self.adam_v / (1 - _ADAM_BETA2**self.adam_steps)
+        step = self.eta * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+        return torch.where(frozen, torch.zeros_like(step), step)
+
+    def _fold(self, grads: torch.Tensor) -> None:
+        """Keep this step's gradients: as they are (cosine), or into the EMAs (persistent)."""
+        if self.rule == "cosine" or self.cached is None or self.ema_steps == 0:
+            self.cached = (1 - self.ema) * grads if self.rule == "persistent" else grads
+            self.ema_sq = (1 - self.ema) * _row_norms(grads).double().cpu() ** 2
+            self.ema_steps = 1
+            return
+        self.cached = self.ema * self.cached.to(grads.device) + (1 - self.ema) * grads
+        self.ema_sq = (
+            self.ema * self.ema_sq + (1 - self.ema) * _row_norms(grads).double().cpu() ** 2
+        )
+        self.ema_steps += 1
+
     def begin_round(self) -> None:
-        """Start of a federated round: forget the cached gradients unless they carry over."""
+        """Start of a federated round: forget the gradient cache/EMA unless it carries over."""
         if not self.carry_across_rounds:
             self.cached = None
+            self.ema_sq = torch.zeros_like(self.ema_sq)
+            self.ema_steps = 0
 
     # -- state -----------------------------------------------------------------------------
 
@@ -435,7 +556,7 @@ class HypergradientWeighting(RewardWeighting):
         """A flat dict of CPU tensors and plain numbers (easy to turn into numpy for Flower).
 
         ``cached_grads`` always has shape [m, |P|] (zeros when ``has_cache`` is 0), so
-        the layout never changes between rounds.
+        the layout never changes between rounds; the same keys serve both rules.
         """
         cached = (
             self.cached.detach().float().cpu().clone()
@@ -447,6 +568,13 @@ class HypergradientWeighting(RewardWeighting):
             "z0": self.z0.clone(),
             "cached_grads": cached,
             "has_cache": int(self.cached is not None),
+            "ema_sq": self.ema_sq.clone(),
+            "ema_steps": self.ema_steps,
+            "adam_m": self.adam_m.clone(),
+            "adam_v": self.adam_v.clone(),
+            "adam_steps": self.adam_steps,
+            "log_gate": self.log_gate.clone(),
+            "zero_run": self.zero_run.clone(),
             "steps": self.steps,
             "updates": self.updates,
         }
@@ -454,18 +582,28 @@ class HypergradientWeighting(RewardWeighting):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output; tensors may come back as numpy arrays."""
         m = len(self.names)
-        z = torch.as_tensor(state["z"], dtype=torch.float64).clone()
-        z0 = torch.as_tensor(state["z0"], dtype=torch.float64).clone()
+
+        def vector(key: str, dtype: torch.dtype) -> torch.Tensor:
+            value = torch.as_tensor(state[key], dtype=dtype).clone()
+            if value.shape != (m,):
+                raise ValueError(f"state has {key} of shape {tuple(value.shape)}, expected ({m},)")
+            return value
+
         cached = torch.as_tensor(state["cached_grads"], dtype=torch.float32).clone()
-        if z.shape != (m,) or z0.shape != (m,):
-            raise ValueError(f"state has logits of shape {tuple(z.shape)}, expected ({m},)")
         if cached.shape != (m, self.probe_size):
             raise ValueError(
                 f"state has cached gradients of shape {tuple(cached.shape)}, "
                 f"expected ({m}, {self.probe_size}): was the probe set changed?"
             )
-        self.z, self.z0 = z, z0
+        self.z, self.z0 = vector("z", torch.float64), vector("z0", torch.float64)
         device = self.probe_params[0].device
         self.cached = cached.to(device) if int(state["has_cache"]) else None
+        self.ema_sq = vector("ema_sq", torch.float64)
+        self.adam_m = vector("adam_m", torch.float64)
+        self.adam_v = vector("adam_v", torch.float64)
+        self.log_gate = vector("log_gate", torch.float64)
+        self.zero_run = vector("zero_run", torch.long)
+        self.ema_steps = int(state["ema_steps"])
+        self.adam_steps = int(state["adam_steps"])
         self.steps = int(state["steps"])
         self.updates = int(state["updates"])

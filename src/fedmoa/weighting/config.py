@@ -1,0 +1,60 @@
+"""The ``[weighting]`` table: which rule moves a client's reward weights, with its settings.
+
+One table for every engine: ``fedmoa train-local`` and an experiment's clients build their
+weighting from it through ``fedmoa.weighting.build_weighting``, so a key that is accepted
+changes what trains.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+
+WeightingMethod = Literal["auto", "static", "hypergradient", "saw", "variance"]
+"""``auto``: what the run's method implies (hypergradient for ``fedmoa``/``fedmoa-hg``,
+static for every other method and for ``train-local``)."""
+
+HypergradientRule = Literal["persistent", "cosine"]
+"""``persistent`` (default): EMA-denoised alignment, Adam-normalised logit steps, explicit
+saturation (docs/design.md); ``cosine``: the one-step cosine rule of fedmoa-algorithm.md."""
+
+# Default η per rule: the cosine rule's is the spec's; the persistent rule's is in logits per
+# step, chosen from benchmarks/weighting_behaviour.py (docs/results.md).
+DEFAULT_ETA = {"cosine": 1.0, "persistent": 0.25}
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class WeightingConfig:
+    """How a client mixes its objectives; every rule's settings, each used by its rule only."""
+
+    method: WeightingMethod = "auto"
+    # -- hypergradient (FedMOA's client part) --
+    rule: HypergradientRule = "persistent"
+    eta: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: DEFAULT_ETA[rule]
+    w_min: float = Field(0.02, ge=0, lt=1)  # floor of every weight (every dynamic method)
+    anchor: float = Field(0.0, ge=0, le=1)  # λ_anchor, pull toward the initial logits
+    probe: Literal["last2", "all"] = "last2"  # LoRA B of the last 2 layers, or every LoRA tensor
+    carry_across_rounds: bool = True  # keep the gradient cache / EMA across rounds
+    # persistent rule: EMA factor of each objective's probe gradient, momentum of the
+    # Adam-normalised logit step, saturation window (steps) and per-step gate decay
+    ema: float = Field(0.8, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    saturation_window: int = Field(3, ge=1)
+    saturation_decay: float = Field(0.5, gt=0, lt=1)
+    # -- saw / variance baselines: EMA factor of the batch statistics (0: this batch only) --
+    smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _default_eta(self) -> WeightingConfig:
+        if self.eta is None:
+            self.eta = DEFAULT_ETA[self.rule]
+        return self
+
+
+def resolve_method(configured: WeightingMethod, run_method: str | None) -> str:
+    """The weighting a client of ``run_method`` uses (``None``: train-local, no federation)."""
+    if configured != "auto":
+        return configured
+    return "hypergradient" if run_method in ("fedmoa", "fedmoa-hg") else "static"
