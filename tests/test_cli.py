@@ -159,3 +159,75 @@ def test_train_local_with_the_default_model(tmp_path):
     assert all(0.0 <= r["rewards/accuracy/mean"] <= 1.0 for r in records)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
+# The user's dense reward as the primary, so the tiny random model's groups have spread.
+WEIGHTED_CONFIG = (
+    TINY_CONFIG.replace("steps = 2", "steps = 3")
+    .replace("group_size = 2", "group_size = 4")
+    .replace("lr = 0.05", "lr = 0.001")
+    .replace('role = "primary"\n', "")
+    .replace(
+        'function = "REWARD_FILE:digit_share"\n',
+        'function = "REWARD_FILE:digit_share"\nrole = "primary"\n',
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("table", "moves"),
+    [
+        ("", False),  # method "auto": static in train-local
+        ('[weighting]\nmethod = "static"\n', False),
+        ('[weighting]\nmethod = "hypergradient"\neta = 1.0\n', True),
+        ('[weighting]\nmethod = "hypergradient"\nrule = "cosine"\neta = 50.0\n', True),
+        ('[weighting]\nmethod = "saw"\n', True),
+        ('[weighting]\nmethod = "variance"\n', True),
+    ],
+)
+def test_train_local_honours_the_weighting_table(tmp_path, table, moves):
+    """The bug this guards: train-local accepted method = "hypergradient" and trained static."""
+    config = write_config(tmp_path, WEIGHTED_CONFIG + "\n" + table)
+    out = tmp_path / "run"
+    result = run_cli("train-local", str(config), "--output", str(out))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    names = ("accuracy", "brevity", "digits")
+    weights = [[r[f"weights/{n}"] for n in names] for r in records]
+    initial = [0.5, 0.25, 0.25]
+    if moves:
+        assert any(w != pytest.approx(initial, abs=1e-6) for w in weights), weights
+        assert any(r.get("timing/weighting", 0.0) > 0 for r in records)
+    else:
+        assert all(w == pytest.approx(initial, abs=1e-7) for w in weights), weights
+    assert all(f"frac_reward_zero_std/{n}" in records[-1] for n in names)
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('method = "magic"', "weighting.method"),
+        ('rule = "magic"', "weighting.rule"),
+        ("eta = 0.0", "weighting.eta: Input should be greater than 0"),
+        ("eta = -1.0", "weighting.eta"),
+        ("ema = 1.0", "weighting.ema: Input should be less than 1"),
+        ("momentum = 1.5", "weighting.momentum"),
+        ("saturation_window = 0", "weighting.saturation_window: Input should be greater than"),
+        ("saturation_decay = 0.0", "weighting.saturation_decay"),
+        ("smoothing = 1.0", "weighting.smoothing"),
+        ("w_min = 0.4", "w_min"),
+    ],
+)
+def test_bad_weighting_values_give_one_line_naming_the_field(tmp_path, table, expected):
+    config = write_config(
+        tmp_path,
+        WEIGHTED_CONFIG
+        + f'\n[weighting]\nmethod = "hypergradient"\n{table}\n'.replace(
+            'method = "hypergradient"\nmethod', "method"
+        ),
+    )
+    result = run_cli("train-local", str(config), "--output", str(tmp_path / "run"))
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+    assert expected in message, message

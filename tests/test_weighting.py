@@ -24,10 +24,16 @@ from fedmoa.grpo.trainer import GRPOSettings, LocalTrainer
 from fedmoa.models import LoraSettings, attach_lora, tiny_random_model
 from fedmoa.weighting import (
     HypergradientWeighting,
+    RewardBatch,
+    SAWWeighting,
     StaticWeighting,
     StepSignals,
+    VarianceWeighting,
+    WeightingConfig,
+    build_weighting,
     select_probe_params,
 )
+from fedmoa.weighting.config import DEFAULT_ETA
 
 
 class DirectPolicy:
@@ -532,3 +538,302 @@ def test_static_weighting_ignores_rounds_and_keeps_its_state_empty():
     static.begin_round()
     assert static.state_dict() == {}
     torch.testing.assert_close(static.weights(), torch.tensor([0.75, 0.25]))
+
+
+# ---------------------------------------------------------------------------- persistent rule
+
+
+def zero_spread(m: int, *saturated: int) -> RewardBatch:
+    """A batch whose objectives ``saturated`` had zero spread in every group."""
+    zero = torch.zeros(m)
+    zero[list(saturated)] = 1.0
+    return RewardBatch(torch.zeros(4, m), 2, zero)
+
+
+def run_persistent(
+    hg: HypergradientWeighting,
+    policy: DirectPolicy,
+    columns: list[torch.Tensor],
+    batches: list[RewardBatch] | None = None,
+) -> list[torch.Tensor]:
+    """Like ``run``, with the trainer's order: the batch first, then the step's graph."""
+    trajectory = []
+    for k, adv in enumerate(columns):
+        m = adv.shape[1]
+        batch = batches[k] if batches is not None else zero_spread(m)
+        hg.observe_batch(batch)
+        hg.observe(policy.signals(adv))
+        trajectory.append(hg.weights())
+    return trajectory
+
+
+def persistent(names, policy, **kwargs) -> HypergradientWeighting:
+    return make_hg(names, policy, rule="persistent", eta=kwargs.pop("eta", 0.25), **kwargs)
+
+
+def test_persistent_rule_pure_noise_objective_loses_weight():
+    """A noise objective's EMA averages out, so its alignment is shrunk by its persistence,
+    while the primary's own persistent direction keeps lining up: weight flows to the primary."""
+    policy = DirectPolicy(N)
+    hg = persistent(["correct", "noise"], policy)
+    gen = torch.Generator().manual_seed(7)
+    primary = persistent_primary(16, N, 0.5, 7)
+    steps = [torch.stack([p, torch.randn(N, generator=gen)], 1) for p in primary]
+    noise = [float(w[1]) for w in run_persistent(hg, policy, steps)]
+    assert noise[-1] < 0.5 - 0.2, noise
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(noise[3:])), noise
+
+
+def test_persistent_rule_aligned_objective_gains_against_noise():
+    policy = DirectPolicy(N)
+    hg = persistent(["correct", "steps", "noise"], policy)
+    gen = torch.Generator().manual_seed(8)
+    primary = persistent_primary(16, N, 1.0, 8)
+    aligned = persistent_primary(16, N, 0.3, 8, noise_seed=108)
+    steps = [
+        torch.stack([p, a, torch.randn(N, generator=gen)], 1)
+        for p, a in zip(primary, aligned, strict=True)
+    ]
+    w = run_persistent(hg, policy, steps)[-1]
+    assert float(w[1]) > 1 / 3 + 0.1, w  # gained
+    assert float(w[1]) > float(w[2]) + 0.2, w  # and far above the noise
+
+
+def test_persistent_rule_conflicting_objective_loses_weight():
+    policy = DirectPolicy(N)
+    hg = persistent(["correct", "short"], policy)
+    gen = torch.Generator().manual_seed(9)
+    steps = [
+        torch.stack([p, -p + 0.3 * torch.randn(N, generator=gen)], 1)
+        for p in persistent_primary(12, N, 0.3, 9)
+    ]
+    assert float(run_persistent(hg, policy, steps)[-1][1]) < 0.15
+
+
+def test_saturated_objective_decays_to_the_floor_and_recovers():
+    """Zero spread for ``saturation_window`` steps: saturated, gate decays, logit frozen;
+    spread again: the gate reopens step by step, back to the weight it had."""
+    policy = DirectPolicy(N)
+    hg = persistent(["correct", "format", "brevity"], policy, initial=[1.0, 2.0, 1.0], eta=0.0)
+    primary = persistent_primary(30, N, 0.3, 10)
+    gen = torch.Generator().manual_seed(10)
+    live = [torch.stack([p, torch.randn(N, generator=gen), p], 1) for p in primary]
+    dead = [torch.stack([p, torch.zeros(N), p], 1) for p in primary]
+    window = hg.saturation_window
+    before = run_persistent(hg, policy, live[:4])[-1]
+    assert float(before[1]) == pytest.approx(0.5, abs=1e-6)  # eta = 0: only the gate acts
+    metrics = []
+    for k in range(10):
+        hg.observe_batch(zero_spread(3, 1))
+        metrics.append(hg.observe(policy.signals(dead[k])))
+    flags = [m["saturated/format"] for m in metrics]
+    assert flags == [0.0] * (window - 1) + [1.0] * (10 - window + 1)
+    assert all(m["saturated/correct"] == 0.0 for m in metrics)
+    w = hg.weights()
+    assert float(w[1]) <= hg.w_min + 0.01
+    assert float(w[0]) > float(before[0]) + 0.2  # the primary took over (with brevity)
+    for _ in range(12):  # the objective has spread again
+        hg.observe_batch(zero_spread(3))
+        hg.observe(policy.signals(live[0]))
+    assert not hg.saturated().any()
+    torch.testing.assert_close(hg.weights(), before, atol=1e-6, rtol=0)
+
+
+def test_the_primary_is_never_treated_as_saturated():
+    policy = DirectPolicy(N)
+    hg = persistent(["correct", "format"], policy, eta=0.0)
+    for _ in range(10):
+        hg.observe_batch(zero_spread(2, 0))
+        hg.observe(policy.signals(torch.zeros(N, 2)))
+    torch.testing.assert_close(hg.weights(), torch.tensor([0.5, 0.5]))
+
+
+def test_persistent_alignment_is_the_cosine_times_the_persistence():
+    """u_i = ⟨g_p, m̂_i⟩/(‖g_p‖·√q̂_i) by hand, on two steps of a 2-entry probe."""
+    policy = DirectPolicy(2)
+    hg = persistent(["p", "a"], policy, ema=0.5, eta=0.0)
+    # g = -adv/N with N = 2: step 1 g_a = (-0.5, 0), step 2 g_a = (0, -0.5), g_p = (-0.5, 0).
+    hg.observe_batch(zero_spread(2))
+    hg.observe(policy.signals(torch.tensor([[1.0, 1.0], [0.0, 0.0]])))
+    hg.observe_batch(zero_spread(2))
+    hg.observe(policy.signals(torch.tensor([[1.0, 0.0], [0.0, 1.0]])))
+    hg.observe_batch(zero_spread(2))
+    metrics = hg.observe(policy.signals(torch.tensor([[1.0, 0.0], [0.0, 0.0]])))
+    # m̂_a = (0.25·(-0.5,0) + 0.5·(0,-0.5)) / 0.75, q̂_a = (0.25 + 0.5)·0.25 / 0.75 = 0.25.
+    m_hat = torch.tensor([-0.125, -0.25]) / 0.75
+    g_p = torch.tensor([-0.5, 0.0])
+    expected = float(g_p @ m_hat) / (0.5 * 0.5)
+    assert metrics["alignment/a"] == pytest.approx(expected)
+    assert metrics["alignment/p"] == pytest.approx(1.0)  # the primary kept its direction
+
+
+def test_persistent_step_is_normalised_in_logits():
+    """The first update moves each logit by η·(1 − momentum)·sign(d_i), whatever the
+    gradients' scale: η reads as logits per step once the sign has been consistent."""
+    for scale, momentum in itertools.product((1e-6, 1.0, 1e6), (0.0, 0.9)):
+        policy = DirectPolicy(N)
+        hg = persistent(["correct", "noise"], policy, eta=0.3, momentum=momentum)
+        steps = [
+            torch.stack([p, torch.zeros(N)], 1) * scale for p in persistent_primary(2, N, 0, 11)
+        ]
+        z0 = hg.z.clone()
+        run_persistent(hg, policy, steps)
+        expected = 0.3 * (1 - momentum) * torch.tensor([1.0, -1.0], dtype=torch.float64)
+        torch.testing.assert_close(hg.z - z0, expected)
+
+
+def test_persistent_rule_skips_steps_without_a_primary_gradient():
+    policy = DirectPolicy(N)
+    hg = persistent(["correct", "noise"], policy)
+    gen = torch.Generator().manual_seed(14)
+    steps = [
+        torch.stack([p, torch.randn(N, generator=gen)], 1)
+        for p in persistent_primary(3, N, 0.3, 14)
+    ]
+    run_persistent(hg, policy, steps)
+    before = hg.z.clone()
+    metrics = hg.observe(
+        policy.signals(torch.stack([torch.zeros(N), torch.randn(N, generator=gen)], 1))
+    )
+    assert metrics["hypergrad/updated"] == 0.0 and torch.equal(hg.z, before)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("ema", 0.0),
+        ("momentum", 0.0),
+        ("saturation_window", 1),
+        ("saturation_decay", 0.9),
+        ("anchor", 0.5),
+        ("eta", 1.0),
+    ],
+)
+def test_every_persistent_setting_changes_the_trajectory(key, value):
+    policy = DirectPolicy(N)
+    gen = torch.Generator().manual_seed(12)
+    primary = persistent_primary(10, N, 0.5, 12)
+    steps = [torch.stack([p, torch.randn(N, generator=gen), p], 1) for p in primary]
+    batches = [zero_spread(3, 1) if k >= 4 else zero_spread(3) for k in range(10)]
+    names = ["correct", "noise", "echo"]
+    default = run_persistent(persistent(names, policy), policy, steps, batches)
+    changed = run_persistent(persistent(names, policy, **{key: value}), policy, steps, batches)
+    assert not torch.equal(torch.stack(default), torch.stack(changed))
+
+
+def test_persistent_state_round_trip_and_carry_across_rounds():
+    policy = DirectPolicy(N)
+    gen = torch.Generator().manual_seed(13)
+    steps = [torch.randn(N, 3, generator=gen) for _ in range(8)]
+    batches = [zero_spread(3, 2) for _ in range(8)]
+    original = persistent(["p", "a", "b"], policy)
+    run_persistent(original, policy, steps[:4], batches[:4])
+    state = {
+        k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in original.state_dict().items()
+    }
+    restored = persistent(["p", "a", "b"], policy)
+    restored.load_state_dict(state)
+    assert torch.equal(
+        torch.stack(run_persistent(restored, policy, steps[4:], batches[4:])),
+        torch.stack(run_persistent(original, policy, steps[4:], batches[4:])),
+    )
+    no_carry = persistent(["p", "a", "b"], policy, carry_across_rounds=False)
+    run_persistent(no_carry, policy, steps[:2])
+    no_carry.begin_round()
+    before = no_carry.z.clone()
+    no_carry.observe_batch(zero_spread(3))
+    assert no_carry.observe(policy.signals(steps[2]))["hypergrad/updated"] == 0.0
+    assert torch.equal(no_carry.z, before)
+
+
+def test_invalid_persistent_settings_are_rejected():
+    policy = DirectPolicy(2)
+    for kwargs, field in [
+        ({"rule": "magic"}, "rule"),
+        ({"ema": 1.0}, "ema"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"saturation_window": 0}, "saturation_window"),
+        ({"saturation_decay": 1.0}, "saturation_decay"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            make_hg(["p", "a"], policy, **kwargs)
+
+
+# ---------------------------------------------------------------------------- SAW / variance
+
+
+REWARDS = torch.tensor(
+    [
+        # accuracy, format, length (two groups of G = 2)
+        [1.0, 1.0, 0.2],
+        [0.0, 1.0, 0.6],
+        [1.0, 1.0, float("nan")],
+        [1.0, 1.0, 1.0],
+    ]
+)
+
+
+def test_saw_weights_by_the_coefficient_of_variation_by_hand():
+    saw = SAWWeighting(["acc", "fmt", "len"], "acc", [1.0, 1.0, 2.0], w_min=0.0)
+    saw.observe_batch(RewardBatch(REWARDS, 2, torch.zeros(3)))
+    # acc: mean 0.75, Bessel std 0.5 -> CV 2/3; fmt: CV 0; len over (0.2, 0.6, 1.0):
+    # mean 0.6, std 0.4 -> CV 2/3. Times w0 = (0.25, 0.25, 0.5): 1/6, 0, 1/3.
+    torch.testing.assert_close(saw.weights(), torch.tensor([1 / 3, 0.0, 2 / 3]))
+    floored_saw = SAWWeighting(["acc", "fmt", "len"], "acc", [1.0, 1.0, 2.0], w_min=0.05)
+    floored_saw.observe_batch(RewardBatch(REWARDS, 2, torch.zeros(3)))
+    torch.testing.assert_close(
+        floored_saw.weights(), 0.05 + 0.85 * torch.tensor([1 / 3, 0.0, 2 / 3])
+    )
+
+
+def test_variance_weights_by_the_mean_group_std_by_hand():
+    var = VarianceWeighting(["acc", "fmt", "len"], "acc", [1.0, 1.0, 1.0], w_min=0.0)
+    var.observe_batch(RewardBatch(REWARDS, 2, torch.zeros(3)))
+    # Population stds per group: acc (0.5, 0) -> 0.25; fmt 0; len (0.2, one value: 0) -> 0.1.
+    torch.testing.assert_close(var.weights(), torch.tensor([0.25, 0.0, 0.1]) / 0.35)
+
+
+def test_statistic_weightings_keep_the_configured_weights_without_spread_and_smooth():
+    flat = torch.ones(4, 2)
+    saw = SAWWeighting(["acc", "fmt"], "acc", [3.0, 1.0])
+    saw.observe_batch(RewardBatch(flat, 2, torch.ones(2)))
+    torch.testing.assert_close(saw.weights(), torch.tensor([0.75, 0.25]))
+    batches = [REWARDS[:, :2], torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])]
+    plain, smooth = (
+        VarianceWeighting(["acc", "fmt"], "acc", [1.0, 1.0], smoothing=s) for s in (0.0, 0.5)
+    )
+    for rewards in batches:
+        for weighting in (plain, smooth):
+            weighting.observe_batch(RewardBatch(rewards, 2, torch.zeros(2)))
+    # Second batch alone: acc has no spread, fmt 0.5 in both groups -> the floor for acc.
+    assert float(plain.weights()[0]) == pytest.approx(plain.w_min)
+    # Smoothed: 0.5·(0.25, 0) + 0.5·(0, 0.5) = (0.125, 0.25).
+    torch.testing.assert_close(
+        smooth.weights(), 0.02 + 0.96 * torch.tensor([1 / 3, 2 / 3]), atol=1e-6, rtol=0
+    )
+    restored = VarianceWeighting(["acc", "fmt"], "acc", [1.0, 1.0], smoothing=0.5)
+    restored.load_state_dict(smooth.state_dict())
+    torch.testing.assert_close(restored.weights(), smooth.weights())
+
+
+# ---------------------------------------------------------------------------- config and build
+
+
+def test_build_weighting_follows_the_table_and_the_run_method():
+    policy, _ = tiny_peft(("q_proj", "v_proj"))
+    names, initial = ["acc", "fmt"], [1.0, 1.0]
+
+    def built(run_method=None, **table):
+        return build_weighting(WeightingConfig(**table), names, "acc", initial, policy, run_method)
+
+    assert isinstance(built(), StaticWeighting)
+    assert isinstance(built("fedavg"), StaticWeighting)
+    auto = built("fedmoa")
+    assert isinstance(auto, HypergradientWeighting) and auto.rule == "persistent"
+    assert auto.eta == DEFAULT_ETA["persistent"]
+    auto.remove_hooks()
+    cosine = built(method="hypergradient", rule="cosine")
+    assert cosine.rule == "cosine" and cosine.eta == 1.0
+    cosine.remove_hooks()
+    assert isinstance(built("fedavg", method="saw"), SAWWeighting)
+    assert isinstance(built(method="variance", smoothing=0.5), VarianceWeighting)

@@ -21,6 +21,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError, ModelLoadError
 from fedmoa.grpo.trainer import GRPOSettings
 from fedmoa.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_dtype
-from fedmoa.weighting.config import WeightingConfig
+from fedmoa.weighting.config import WeightingConfig, resolve_method
 
 STRICT = ConfigDict(extra="forbid")
 T = TypeVar("T")
@@ -159,6 +160,21 @@ class TrainLocalConfig:
     @property
     def primary_reward(self) -> str:
         return next(r.name for r in self.rewards if r.role == "primary")
+
+    @model_validator(mode="after")
+    def _floor_fits(self) -> TrainLocalConfig:
+        if resolve_method(self.weighting.method, None) != "static":
+            check_weight_floor(self.weighting.w_min, len(self.rewards), "rewards")
+        return self
+
+
+def check_weight_floor(w_min: float, objectives: int, where: str) -> None:
+    """``m·w_min < 1``, or the floors alone would take more than the whole simplex."""
+    if objectives * w_min >= 1:
+        raise ValueError(
+            f"weighting.w_min = {w_min:g} is too large for the {objectives} objectives of "
+            f"{where}: it must be below 1/{objectives}"
+        )
 
 
 Location = Sequence[str | int]

@@ -23,6 +23,7 @@ from fedmoa.config import (
     ModelConfig,
     RewardConfig,
     check_rewards,
+    check_weight_floor,
     field_path,
     parse_config,
     read_toml,
@@ -30,7 +31,7 @@ from fedmoa.config import (
 from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError
 from fedmoa.grpo.trainer import GRPOSettings
-from fedmoa.weighting.config import WeightingConfig
+from fedmoa.weighting.config import WeightingConfig, resolve_method
 
 Method = Literal[
     "fedavg",
@@ -158,6 +159,9 @@ class ExperimentConfig:
             )
         if method == "centralized" and weighting not in ("auto", "static"):
             raise ValueError("weighting.method: the centralized baseline uses static weights")
+        dynamic = resolve_method(weighting, method) != "static"
+        for i, client in enumerate(self.clients if dynamic else []):
+            check_weight_floor(self.weighting.w_min, len(client.rewards), f"clients[{i}]")
         return self
 
 

@@ -13,7 +13,8 @@ the one-step-delayed hypergradient of Baydin et al. (2018). Two rules:
     q_i ← EMA_ema(‖g_i‖²)               its running squared scale
     u_i = ⟨g_p^s, m_i^{s-1}⟩ / (‖g_p^s‖·√q_i^{s-1})   ∈ [-1, 1]
     d_i = ∂(Σ_j w_j u_j)/∂z_i = (1 − m·w_min)·s_i·(u_i − Σ_j s_j u_j),  s = softmax(z + log γ)
-    z ← z + η·m̂/(√v̂ + ε)  (Adam moments of d; η in logits per step) − λ_anchor·(z − z⁰)
+    z ← z + η·m/(√v̂ + ε) − λ_anchor·(z − z⁰)   (m: momentum of d from 0; v̂: Adam's
+                                               bias-corrected second moment; η in logits)
 
   ``u_i`` is a cosine with the persistent direction, shrunk by how persistent that
   direction is (``‖m_i‖/√q_i``, 1 for a fixed direction, about ``√((1−ema)/(1+ema))`` for
@@ -21,7 +22,7 @@ the one-step-delayed hypergradient of Baydin et al. (2018). Two rules:
   for ``saturation_window`` steps in a row is *saturated*; its gate decays by
   ``saturation_decay`` per step (its weight goes to ``w_min``) and its logit is frozen; each
   step in which it has spread again multiplies the gate back by ``1/saturation_decay`` up
-  to 1.
+  to 1. A step in which the primary has no gradient (no group with spread) moves nothing.
 
 ``cosine`` (the rule of fedmoa-algorithm.md, step 6):
 
@@ -475,9 +476,13 @@ class HypergradientWeighting(RewardWeighting):
         grads = self.probe_gradients(signals)
         m = len(self.names)
         alignment = torch.zeros(m, dtype=torch.float64)
-        updated = self.cached is not None
-        if self.cached is not None:
-            primary = grads[self.primary_index]
+        primary = grads[self.primary_index]
+        # Persistent rule: a step whose primary had no gradient (no group with spread) says
+        # nothing about any objective's alignment, so it moves nothing, momentum included.
+        informative = self.rule == "cosine" or bool(primary.any())
+        updated = self.cached is not None and informative
+        if updated:
+            assert self.cached is not None
             cached = self.cached.to(primary.device)
             if self.rule == "cosine":
                 alignment = _row_cosines(primary, cached).double().cpu()
@@ -525,9 +530,12 @@ class HypergradientWeighting(RewardWeighting):
         self.adam_steps += 1
         self.adam_m = self.momentum * self.adam_m + (1 - self.momentum) * grad
         self.adam_v = _ADAM_BETA2 * self.adam_v + (1 - _ADAM_BETA2) * grad**2
-        m_hat = self.adam_m / (1 - self.momentum**self.adam_steps)
+        # The momentum starts from 0 without Adam's bias correction, so a step is η times how
+        # consistent the recent signs were (η·(1 − momentum^k) after k agreeing steps), not a
+        # full η on the first, noisiest comparison; v̂ is bias-corrected, so |d|'s scale
+        # cancels.
         v_hat = self.adam_v / (1 - _ADAM_BETA2**self.adam_steps)
-        step = self.eta * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+        step = self.eta * self.adam_m / (v_hat.sqrt() + _ADAM_EPS)
         return torch.where(frozen, torch.zeros_like(step), step)
 
     def _fold(self, grads: torch.Tensor) -> None:
