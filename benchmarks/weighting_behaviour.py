@@ -29,6 +29,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,7 +84,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--eta", type=float, help="the persistent rule's eta (default: its own)")
-    parser.add_argument("--out", type=Path, default=HERE / "weighting_runs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="run records (default: benchmarks/weighting_runs; a temp dir with --smoke)",
+    )
     parser.add_argument("--png", type=Path, default=None, help="default: OUT/weights.png")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=0)
@@ -93,6 +98,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.model, args.seeds, args.steps, args.saturate_at = SMOKE_MODEL, 1, 4, 2
         args.batch_size, args.group_size, args.max_new_tokens, args.test_prompts = 2, 2, 4, 4
+    if args.out is None:
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="weighting-smoke-"))
+            if args.smoke
+            else HERE / "weighting_runs"
+        )
     args.png = args.png or args.out / "weights.png"
     return args
 
@@ -242,8 +253,8 @@ def targets(run: dict[str, Any], args: argparse.Namespace, w_min: float) -> dict
             "met": within is not None and primary[-1] - primary[0] >= 0.2,
         }
     if run["scenario"] == "noise":
-        noise = [1 / len(run["names"])] + weight_series(run, "noise")
-        drop = noise[0] - min(noise[: 16 + 1])
+        noise = weight_series(run, "noise")
+        drop = 1 / len(run["names"]) - noise[min(16, len(noise)) - 1]  # at step 16
         return {"noise_final": noise[-1], "noise_drop_16": drop, "met": drop >= 0.1}
     return {"test_accuracy": run["test_accuracy"]}
 

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hypergradient_overhead.py"
-VARIANTS = {f"{m}obj/{kind}" for m in (2, 4) for kind in ("static", "hg-last2", "hg-all")}
+VARIANTS = {
+    f"{m}obj/{kind}"
+    for m in (2, 4)
+    for kind in ("static", "cosine-last2", "persistent-last2", "persistent-all")
+}
 FIGURES = {"step_s", "step_cpu_s", "train_s", "train_cpu_s", "weighting_s", "weighting_cpu_s"}
 RATIOS = {"step_wall", "step_cpu", "train_wall", "train_cpu", "overhead_wall", "overhead_cpu"}
 LABELS = ("command:", "machine:", "machine load", "per variant", "vs static", "target")

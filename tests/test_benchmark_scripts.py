@@ -132,3 +132,38 @@ def test_base_accuracy_matches_a_run_whose_global_adapter_never_moves(tmp_path: 
     assert {"global/a/rewards/brevity", "global/b/accuracy", "global/accuracy"} <= global_keys
     assert {k: base[k] for k in global_keys} == {k: record[k] for k in global_keys}
     assert base["global/accuracy"] > 0  # the brevity primary scores a random model's text
+
+
+def test_weighting_behaviour_smoke_runs_every_method_and_scenario_and_resumes(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "weighting_behaviour.py"),
+        "--smoke",
+        "--threads",
+        "1",
+        "--out",
+        str(runs),
+        "--json",
+        str(tmp_path / "figures.json"),
+    ]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    methods = ("static", "cosine", "persistent", "saw", "variance")
+    scenarios = ("saturating", "noise", "conflict")
+    assert set(figures["summary"]) == {f"{s}/{m}" for s in scenarios for m in methods}
+    assert len(figures["runs"]) == 15 and (runs / "weights.png").stat().st_size > 0
+    for run in figures["runs"]:
+        assert len(run["steps"]) == figures["args"]["steps"]
+        assert all(f"weights/{n}" in run["steps"][-1] for n in run["names"])
+    static = figures["summary"]["noise/static"]["runs"][0]["final_weights"]
+    assert static == {"accuracy": 0.5, "noise": 0.5}
+    assert "target met" in first.stdout and "trajectories" in first.stdout
+    # Finished runs are read back, not run again: the second call gives the same figures.
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((tmp_path / "figures.json").read_text())
+    assert again["summary"] == figures["summary"]

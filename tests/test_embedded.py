@@ -220,3 +220,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     )
     rounds = [r["round"] for r in RunDirectory(crashed).read_metrics() if r["type"] == "round"]
     assert rounds == [1, 2]
+
+
+@pytest.mark.parametrize(("weighting", "moves"), [("static", False), ("saw", True)])
+def test_fedavg_with_a_dynamic_weighting_baseline(tmp_path, weighting, moves):
+    """server.method = "fedavg" + [weighting] method = "saw": FedAvg + SAW, end to end."""
+    config = write_experiment(tmp_path, "fedavg", rounds=1)
+    config.write_text(config.read_text() + f'\n[weighting]\nmethod = "{weighting}"\n')
+    federation, _ = run_embedded(config, tmp_path / "run")
+    clients = {r["client"]: r for r in federation.run.read_metrics() if r["type"] == "client"}
+    b = clients["math-b"]
+    weights = [b["weights/accuracy"], b["weights/share"], b["weights/boxed"]]
+    static = [1 / 2.1, 2 / 2.1, 0.1 / 2.1]
+    assert (weights != pytest.approx(static, abs=1e-6)) is moves, weights

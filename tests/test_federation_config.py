@@ -113,3 +113,47 @@ def test_no_clients(tmp_path):
     text = EXPERIMENT[: EXPERIMENT.index("[[clients]]")]
     with pytest.raises(ConfigError, match="clients"):
         load_experiment(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("eta = 0.5", "eta = -0.5", "hypergradient.eta: Input should be greater than 0"),
+        ("eta = 0.5", "eta = 0.5\nstep = 1", "hypergradient.step: unknown key"),
+        ("eta = 0.5", 'eta = 0.5\nmethod = "saw"', "hypergradient.method: unknown key"),
+        ("[hypergradient]", '[weighting]\nmethod = "saw"\n[hypergradient]', "same table"),
+        ("[hypergradient]", "[weighting]", None),  # the new name of the same table
+        ("eta = 0.5", 'rule = "fast"', "hypergradient.rule"),
+        ("eta = 0.5", "saturation_window = 0", "hypergradient.saturation_window"),
+        ("eta = 0.5", "ema = 1.5", "hypergradient.ema"),
+        (
+            "eta = 0.5",
+            "w_min = 0.4",
+            "weighting.w_min = 0.4 is too large for the 3 objectives of clients[1]",
+        ),
+        (
+            "[hypergradient]\neta = 0.5",
+            '[weighting]\nmethod = "static"',
+            "weighting.method = 'static' contradicts server.method = 'fedmoa'",
+        ),
+    ],
+)
+def test_weighting_table_errors_name_the_field(tmp_path, old, new, expected):
+    assert old in EXPERIMENT
+    path = write(tmp_path, EXPERIMENT.replace(old, new, 1))
+    if expected is None:
+        assert load_experiment(path).weighting.eta == 0.5
+        return
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert "\n" not in message and expected in message, message
+
+
+def test_a_dynamic_baseline_with_fedavg_and_static_methods_ignore_the_floor(tmp_path):
+    text = EXPERIMENT.replace('method = "fedmoa"', 'method = "fedavg"')
+    saw = text.replace("[hypergradient]\neta = 0.5", '[weighting]\nmethod = "saw"\nsmoothing = 0.5')
+    cfg = load_experiment(write(tmp_path, saw))
+    assert cfg.weighting.method == "saw" and cfg.weighting.smoothing == 0.5
+    # Static weights have no floor, so a w_min the clients could not hold is no error there.
+    assert load_experiment(write(tmp_path, text.replace("eta = 0.5", "w_min = 0.4"))).weighting
