@@ -278,26 +278,26 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
         "machine load during the timed rounds: " + local_step._load_text(results["machine_load"]),
         "",
         "per variant, median over steps (s); train = step - generate - reward",
-        f"   {'variant':14}{'step':>7}{'cpu':>7}{'train':>7}{'cpu':>7}{'weighting':>10}{'cpu':>7}"
+        f"   {'variant':22}{'step':>7}{'cpu':>7}{'train':>7}{'cpu':>7}{'weighting':>10}{'cpu':>7}"
         f"{'per-sample':>11}",
     ]
     for name, f in fig.items():
         lines.append(
-            f"   {name:14}{f['step_s']:7.2f}{f['step_cpu_s']:7.2f}{f['train_s']:7.2f}"
+            f"   {name:22}{f['step_s']:7.2f}{f['step_cpu_s']:7.2f}{f['train_s']:7.2f}"
             f"{f['train_cpu_s']:7.2f}{f['weighting_s']:10.3f}{f['weighting_cpu_s']:7.3f}"
             f"{f['per_sample_steps']:>7}/{f['steps']}"
         )
     lines += [
         "",
         "vs static, paired median over rounds (x): overhead = weighting / static step",
-        f"   {'variant':14}{'step':>7}{'cpu':>7}{'train':>7}{'cpu':>7}{'overhead':>10}{'cpu':>7}",
+        f"   {'variant':22}{'step':>7}{'cpu':>7}{'train':>7}{'cpu':>7}{'overhead':>10}{'cpu':>7}",
     ]
     for name, f in fig.items():
         if name.endswith("/static"):
             continue
         r = f["ratio"]
         lines.append(
-            f"   {name:14}{r['step_wall']:7.3f}{r['step_cpu']:7.3f}{r['train_wall']:7.3f}"
+            f"   {name:22}{r['step_wall']:7.3f}{r['step_cpu']:7.3f}{r['train_wall']:7.3f}"
             f"{r['train_cpu']:7.3f}{100 * r['overhead_wall']:9.1f}%{100 * r['overhead_cpu']:6.1f}%"
         )
     lines.append("")

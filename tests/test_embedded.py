@@ -231,5 +231,5 @@ def test_fedavg_with_a_dynamic_weighting_baseline(tmp_path, weighting, moves):
     clients = {r["client"]: r for r in federation.run.read_metrics() if r["type"] == "client"}
     b = clients["math-b"]
     weights = [b["weights/accuracy"], b["weights/share"], b["weights/boxed"]]
-    static = [1 / 2.1, 2 / 2.1, 0.1 / 2.1]
+    static = [1 / 3.1, 2 / 3.1, 0.1 / 3.1]
     assert (weights != pytest.approx(static, abs=1e-6)) is moves, weights
