@@ -698,6 +698,40 @@ def test_persistent_rule_skips_steps_without_a_primary_gradient():
     assert metrics["hypergrad/updated"] == 0.0 and torch.equal(hg.z, before)
 
 
+def test_persistent_rule_does_not_amplify_rounding_residue():
+    """Objectives with the same gradients have the same alignment, so ``d`` is 0 up to the last
+    bit of a sum; Adam's normalisation must not turn that residue into full ``η`` steps (it
+    made the engines' adapters depend on summation order)."""
+    policy = DirectPolicy(N)
+    names = ["correct", "echo", "copy"]
+    hg = persistent(names, policy, initial=[1.0, 2.0, 0.7], eta=1.0)
+    primary = persistent_primary(12, N, 0.5, 15)
+    metrics = []
+    for p in primary:
+        hg.observe_batch(zero_spread(3))
+        metrics.append(hg.observe(policy.signals(torch.stack([p, p, p], 1))))
+    assert all(m["hypergrad/updated"] == 1.0 for m in metrics[1:])
+    assert torch.equal(hg.z, hg.z0), hg.z - hg.z0
+
+
+def test_objective_without_spread_has_no_probe_gradient():
+    """Zero spread in every group: the advantages are rounding residue, the gradient is 0, so
+    the alignment is 0 rather than the cosine of noise."""
+    policy = DirectPolicy(N)
+    hg = persistent(["correct", "flat"], policy)
+    gen = torch.Generator().manual_seed(16)
+    for p in persistent_primary(4, N, 0.3, 16):
+        hg.observe_batch(zero_spread(2, 1))
+        residue = 1e-7 * torch.randn(N, generator=gen)
+        metrics = hg.observe(policy.signals(torch.stack([p, residue], 1)))
+        assert metrics["probe_grad_norm/flat"] == 0.0
+        assert metrics["alignment/flat"] == 0.0
+    hg.observe_batch(zero_spread(2, 0, 1))  # the primary has no spread either: nothing moves
+    before = hg.z.clone()
+    metrics = hg.observe(policy.signals(1e-7 * torch.randn(N, 2, generator=gen)))
+    assert metrics["hypergrad/updated"] == 0.0 and torch.equal(hg.z, before)
+
+
 @pytest.mark.parametrize(
     "key, value",
     [

@@ -198,6 +198,10 @@ def run_client_round(
     ``time.monotonic()`` value, default now); see :class:`RoundDeadline`.
     """
     deadline = RoundDeadline(client.id, server.round_timeout, started)
+    if next(policy.parameters()).device.type == "cpu":
+        # Per thread: an engine may run this round on a thread other than the one that loaded
+        # the model, and denormals must flush alike on every engine for bit-equal adapters.
+        torch.set_flush_denormal(True)
     with deadline.watch(policy):
         torch.manual_seed(stable_seed(seed, client.id, server_round))
         load_adapter(policy, start)

@@ -73,6 +73,10 @@ RULES = ("persistent", "cosine")
 # steps the bias-corrected v̂ is the plain mean of the squared logit gradients so far.
 _ADAM_BETA2 = 0.999
 _ADAM_EPS = 1e-12
+# Logit gradients below this are rounding residue (e.g. ``u_i − Σ s_j u_j`` with equal ``u``),
+# not signal: the Adam normalisation would turn them into full ``η`` steps whose sign depends
+# on the last bit of a sum, so they count as 0. A real ``d_i`` is ``s_i·Δu`` with ``Δu`` ≫ 1e-9.
+_GRAD_DEADBAND = 1e-9
 
 
 def select_probe_params(
@@ -232,6 +236,9 @@ class HypergradientWeighting(RewardWeighting):
         self.adam_steps = 0
         self.log_gate = torch.zeros(m, dtype=torch.float64)  # log γ, 0 = open
         self.zero_run = torch.zeros(m, dtype=torch.long)  # consecutive zero-spread steps
+        # This step's objectives with zero spread in every group (set by observe_batch): their
+        # advantages are rounding residue, so their probe gradients count as exactly zero.
+        self._no_spread = torch.zeros(m, dtype=torch.bool)
         self.steps = 0  # observe() calls
         self.updates = 0  # logit updates made
 
@@ -452,6 +459,7 @@ class HypergradientWeighting(RewardWeighting):
         if zero.shape != (len(self.names),):
             raise ValueError(f"zero_std must have shape ({len(self.names)},)")
         self.zero_run = torch.where(zero, self.zero_run + 1, torch.zeros_like(self.zero_run))
+        self._no_spread = zero
         if self.rule == "persistent":
             saturated = self.saturated()
             step = math.log(self.saturation_decay)
@@ -474,6 +482,11 @@ class HypergradientWeighting(RewardWeighting):
         """
         start = time.perf_counter()
         grads = self.probe_gradients(signals)
+        if self.rule == "persistent" and bool(self._no_spread.any()):
+            # No spread, no signal: whatever the advantages hold there is rounding residue,
+            # whose direction a cosine would read as meaningful.
+            grads[self._no_spread.to(grads.device)] = 0.0
+        self._no_spread = torch.zeros_like(self._no_spread)  # one batch, one observe
         m = len(self.names)
         alignment = torch.zeros(m, dtype=torch.float64)
         primary = grads[self.primary_index]
@@ -526,7 +539,7 @@ class HypergradientWeighting(RewardWeighting):
         shares = torch.softmax(self.z + self.log_gate, dim=0)
         grad = (1.0 - m * self.w_min) * shares * (alignment - (shares * alignment).sum())
         frozen = self.saturated()
-        grad = torch.where(frozen, torch.zeros_like(grad), grad)
+        grad = torch.where(frozen | (grad.abs() < _GRAD_DEADBAND), torch.zeros_like(grad), grad)
         self.adam_steps += 1
         self.adam_m = self.momentum * self.adam_m + (1 - self.momentum) * grad
         self.adam_v = _ADAM_BETA2 * self.adam_v + (1 - _ADAM_BETA2) * grad**2
