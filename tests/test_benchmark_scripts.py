@@ -1,4 +1,4 @@
-"""``benchmarks/memory_vs_trl.py`` and ``benchmarks/roofline.py`` keep running: ``--smoke --json``.
+"""``benchmarks/memory_vs_trl.py``, ``step_vs_trl.py`` and ``roofline.py`` keep running: ``--smoke --json``.
 
 Only that each exits cleanly and writes every figure; timings and memory on a shared CPU are not
 asserted.
@@ -52,6 +52,26 @@ def test_memory_vs_trl_smoke(tmp_path: Path) -> None:
         assert len(fig["census_at_reference"]) == figures["args"]["steps"]  # β > 0: one per step
     assert figures["no_reference_copy"] is True
     assert figures["ratio_process_peak_vs_trl"] > 0
+
+
+def test_step_vs_trl_smoke_times_every_side_and_the_baseline_commit(tmp_path: Path) -> None:
+    """Whole steps of ours, TRL and the commit before the speed work, each in its own process."""
+    pytest.importorskip("trl")
+    figures = run_smoke("step_vs_trl.py", tmp_path)
+    sides = set(figures["sides"])
+    assert {"ours", "trl", "ours-gc", "trl-gc"} <= sides
+    if "baseline_skipped" not in figures:  # a clone without the baseline commit says why
+        assert {"base", "base-gc"} <= sides
+        assert figures["fedmoa_paths"]["base"] != figures["fedmoa_paths"]["ours"]
+        assert figures["ours/base"]["throughput"] > 0
+    samples = figures["samples_per_step"]
+    for side, fig in figures["sides"].items():
+        assert fig["steps"] == figures["args"]["steps"], side
+        assert fig["samples_per_s"] == pytest.approx(samples / fig["step_s_median"])
+        assert fig["cpu_s_per_sample"] > 0 and fig["peak_mb"] > 0
+        # EOS masked while sampling: every side decodes max_new_tokens every step.
+        assert fig["widths"] == [figures["args"]["max_new_tokens"]], side
+    assert {"throughput", "cpu_per_sample", "peak_rss"} <= set(figures["ours/trl"])
 
 
 def test_roofline_smoke(tmp_path: Path) -> None:

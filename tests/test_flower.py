@@ -70,6 +70,20 @@ def reap_session(process: subprocess.Popen, grace: float = 60) -> list[int]:
     return [proc.pid for proc in left]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the embedded reference on as many threads as a Flower ClientApp gets (Ray sets
+    ``OMP_NUM_THREADS`` to an actor's ``num_cpus``, 1 here; the deployment test sets 1): BLAS
+    kernels may split a reduction differently by thread count on some CPUs, so the engines'
+    bits are compared at equal counts (docs/design.md, "Determinism across engines")."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {
         p.name: load_file(p / "adapter_model.safetensors")
@@ -100,7 +114,8 @@ def test_flower_simulation_matches_embedded_engine(tmp_path):
     """
     config = write_experiment(tmp_path, "fedmoa", rounds=2)
     embedded_run = tmp_path / "embedded"
-    federation, initial = run_embedded(config, embedded_run)
+    with torch_threads(1):
+        federation, initial = run_embedded(config, embedded_run)
 
     flower_run = tmp_path / "flower"
     cli = [sys.executable, "-m", "fedmoa.cli", "run", str(config), "--engine", "flower"]
@@ -425,7 +440,8 @@ def test_deployment_superlink_supernodes_flwr_run(tmp_path):
         stopped = stop(processes)
     assert alive(stopped) == [], "every Flower process is gone"
     # Fresh flwr-clientapp processes per message, still the embedded engine's adapter.
-    run_embedded(config, tmp_path / "embedded")
+    with torch_threads(1):
+        run_embedded(config, tmp_path / "embedded")
     expected, got = adapters(tmp_path / "embedded")["global"], adapters(run)["global"]
     assert all(torch.equal(got[k], v) for k, v in expected.items())
 
