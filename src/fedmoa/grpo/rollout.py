@@ -22,6 +22,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from fedmoa.errors import ConfigError
+from fedmoa.grpo.logprobs import contiguous_head_input
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +193,13 @@ def generate_rollouts(
     was_training = model.training
     model.eval()
     try:
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([recorder]),
-        )
+        with contiguous_head_input(model):
+            output = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([recorder]),
+            )
     finally:
         model.train(was_training)
     completion_ids = output[:, prompt_ids.shape[1] :]

@@ -1,0 +1,127 @@
+"""The step's faster paths give what the plain paths give (docs/performance.md, "Whole step").
+
+* the LM head gets contiguous hidden states (training forward and ``generate``'s prefill):
+  the same logits up to float32's last bit, so the same tokens drawn;
+* ``selective_log_softmax`` is one fused ``log_softmax`` per row: equal to ``x − logsumexp(x)``
+  and to TRL's own ``selective_log_softmax`` within the TRL cross-check's 1e-5, gradients too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+
+import fedmoa.grpo.logprobs as logprobs
+import fedmoa.grpo.rollout as rollout
+from fedmoa.grpo.logprobs import selective_log_softmax
+from fedmoa.grpo.rollout import SamplingSettings, generate_rollouts
+from fedmoa.grpo.trainer import GRPOSettings, LocalTrainer
+from fedmoa.weighting import StaticWeighting
+from test_trainer import PROMPTS, tiny_policy
+
+
+def logsumexp_reference(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The plain form: ``x[index] − logsumexp(x)`` in float32, all rows at once."""
+    x = logits.float()
+    return x.gather(-1, index.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+
+
+@contextlib.contextmanager
+def plain_paths() -> Iterator[None]:
+    """The step as it was before the fast paths: no head hook, logsumexp log-probs."""
+    saved = (logprobs.contiguous_head_input, rollout.contiguous_head_input)
+    saved_lsm = logprobs.selective_log_softmax
+    logprobs.contiguous_head_input = rollout.contiguous_head_input = lambda _model: (
+        contextlib.nullcontext()
+    )
+    logprobs.selective_log_softmax = logsumexp_reference
+    try:
+        yield
+    finally:
+        logprobs.contiguous_head_input, rollout.contiguous_head_input = saved
+        logprobs.selective_log_softmax = saved_lsm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_log_softmax_matches_logsumexp_and_trl(dtype):
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    gen = torch.Generator().manual_seed(0)
+    base = (4 * torch.randn(3, 9, 4096, generator=gen)).to(dtype)
+    index = torch.randint(0, 4096, (3, 9), generator=gen)
+    results = {}
+    for name, fn in (
+        ("fast", selective_log_softmax),
+        ("plain", logsumexp_reference),
+        # TRL computes a bf16 input's log-softmax in bf16 (0.06 off here); ours is float32.
+        ("trl", lambda x, i: trl_utils.selective_log_softmax(x.float(), i)),
+    ):
+        logits = base.clone().requires_grad_(True)
+        out = fn(logits, index).float()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[name] = (out.detach(), logits.grad.float())
+    for other in ("plain", "trl"):
+        torch.testing.assert_close(results["fast"][0], results[other][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(results["fast"][1], results[other][1], atol=1e-5, rtol=0)
+    assert results["fast"][0].dtype == torch.float32
+
+
+def test_generation_with_a_contiguous_head_input_draws_the_same_tokens():
+    policy, tokenizer = tiny_policy()
+    settings = SamplingSettings(group_size=3, max_new_tokens=8)
+    torch.manual_seed(4)
+    fast = generate_rollouts(policy, tokenizer, PROMPTS, settings)
+    with plain_paths():
+        torch.manual_seed(4)
+        plain = generate_rollouts(policy, tokenizer, PROMPTS, settings)
+    assert torch.equal(fast.completion_ids, plain.completion_ids)
+    # float32: a matmul and a batched matmul may round the prefill's logits differently in the
+    # last bit (bf16 SmolLM2 gave bit-identical rollouts); the tokens drawn are the same.
+    torch.testing.assert_close(fast.sampling_logps, plain.sampling_logps, atol=1e-6, rtol=0)
+
+
+def closeness(prompts, completions, **_):
+    return [sum(ch == "7" for ch in c[0]["content"]) / 8 for c in completions]
+
+
+def brevity(prompts, completions, **_):
+    return [1.0 / (1 + len(c[0]["content"])) for c in completions]
+
+
+def two_steps(settings: GRPOSettings) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    policy, tokenizer = tiny_policy()
+    rows = [{"prompt": p} for p in PROMPTS]
+    weighting = StaticWeighting(["seven", "short"], "seven", [1.0, 0.5])
+    funcs = [("seven", closeness), ("short", brevity)]
+    trainer = LocalTrainer(policy, tokenizer, rows, funcs, weighting, settings, seed=0)
+    history = trainer.train(2)
+    return history, get_peft_model_state_dict(policy)
+
+
+@pytest.mark.parametrize(("beta", "num_iterations"), [(0.0, 1), (0.04, 1), (0.0, 2), (0.04, 2)])
+def test_a_step_on_the_fast_paths_matches_the_plain_step(beta, num_iterations):
+    settings = GRPOSettings(
+        batch_size=2,
+        group_size=4,
+        max_new_tokens=8,
+        lr=0.05,
+        beta=beta,
+        num_iterations=num_iterations,
+    )
+    fast, fast_adapter = two_steps(settings)
+    with plain_paths():
+        plain, plain_adapter = two_steps(settings)
+    for a, b in zip(fast, plain, strict=True):
+        # Same completions, rewards and advantages (sampling and scoring are unchanged)...
+        for key in ("completions/mean_length", "reward", "reward_std", "rewards/seven/mean"):
+            assert a[key] == b[key], key
+        # ...and the same loss within the TRL cross-check's tolerance.
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        if beta > 0:
+            assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+    for key, tensor in fast_adapter.items():
+        torch.testing.assert_close(tensor, plain_adapter[key], atol=1e-4, rtol=0)
