@@ -31,6 +31,8 @@ import tomli_w
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "fedmoa_vs_fedavg.toml"
 DEFAULT_METHODS = ("fedavg", "fedmoa", "fedmoa-hg", "fedmoa-taa", "local")
+# Report order; "METHOD+WEIGHTING" is server.method with [weighting] method = WEIGHTING.
+KNOWN_METHODS = ("fedavg", "fedmoa", "fedprox", "fedmoa-hg", "fedmoa-taa", "local", "fedavg+saw")
 FEDMOA = [sys.executable, "-m", "fedmoa.cli"]
 
 
@@ -47,11 +49,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed: int) -> dict:
-    """The study file with this run's method, seed and overrides; everything else unchanged."""
+    """The study file with this run's method, seed and overrides; everything else unchanged.
+
+    ``METHOD+WEIGHTING`` (e.g. ``fedavg+saw``) is ``server.method = METHOD`` with
+    ``[weighting] method = WEIGHTING``. A reward file named relative to the study file is
+    made absolute: the run's copy of the config lives elsewhere.
+    """
     cfg = json.loads(json.dumps(base))  # deep copy of plain TOML data
     cfg["seed"] = seed
     cfg["output_dir"] = str(args.out / f"{method}-seed{seed}")
-    cfg.setdefault("server", {})["method"] = method
+    server_method, _, weighting = method.partition("+")
+    cfg.setdefault("server", {})["method"] = server_method
+    if weighting:
+        cfg.setdefault("weighting", {})["method"] = weighting
+    for client in cfg.get("clients", []):
+        for reward in client.get("rewards", []):
+            file, sep, name = str(reward.get("function", "")).rpartition(":")
+            if sep and file.endswith(".py") and not Path(file).is_absolute():
+                reward["function"] = f"{(args.config.parent / file).resolve()}:{name}"
     if args.rounds is not None:
         cfg["server"]["rounds"] = args.rounds
     if args.model is not None:
@@ -83,19 +98,20 @@ def run_one(cfg: dict[str, Any], log: Path) -> tuple[str, float]:
 
 
 def finished_runs(out: Path, methods: Sequence[str]) -> list[str]:
-    """Every finished run of these methods in OUT, whatever its seed.
+    """Every finished run in OUT, whatever its method and seed; ``methods`` first, in order.
 
-    Why not just this call's seeds: seeds are added a few at a time across sessions, and the
-    report must cover all of them. Paths are relative to the working directory, so a committed
-    report names no machine's paths.
+    Why not just this call's methods and seeds: they are added a few at a time across
+    sessions, and the report must cover all of them. Paths are relative to the working
+    directory, so a committed report names no machine's paths.
     """
+    order = list(dict.fromkeys([*methods, *KNOWN_METHODS]))
     found = []
-    for order, method in enumerate(methods):
-        for run in out.glob(f"{method}-seed*"):
-            seed = run.name.removeprefix(f"{method}-seed")
-            if seed.isdigit() and (run / "summary.json").is_file():
-                found.append((order, int(seed), os.path.relpath(run)))
-    return [path for _, _, path in sorted(found)]
+    for run in out.glob("*-seed*"):
+        method, _, seed = run.name.rpartition("-seed")
+        if seed.isdigit() and (run / "summary.json").is_file():
+            rank = order.index(method) if method in order else len(order)
+            found.append((rank, method, int(seed), os.path.relpath(run)))
+    return [path for *_, path in sorted(found)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -387,7 +387,7 @@ def test_higher_accuracy_gets_more_weight_within_a_task(
     accs = [p / 100 for p in percents]
     updates = [update(f"c{i}", "math", n, a) for i, a in enumerate(accs)]
     weights = task_accuracy_aggregate(
-        CURRENT, updates, TaskAccuracySettings(t_acc=t_acc)
+        CURRENT, updates, TaskAccuracySettings(t_acc=t_acc, rule="softmax")
     ).client_weights
     by_acc = [weights[f"c{i}"] for i in np.argsort(accs)]
     assert all(lo < hi for lo, hi in itertools.pairwise(by_acc)), by_acc
@@ -403,10 +403,10 @@ def test_task_adapters_match_the_formula_and_server_lr_scales_the_step(
     updates: list[ClientUpdate], t_acc: float, lr: float
 ) -> None:
     result = task_accuracy_aggregate(
-        CURRENT, updates, TaskAccuracySettings(t_acc=t_acc, server_lr=lr)
+        CURRENT, updates, TaskAccuracySettings(t_acc=t_acc, server_lr=lr, rule="softmax")
     )
     unit = task_accuracy_aggregate(
-        CURRENT, updates, TaskAccuracySettings(t_acc=t_acc, server_lr=1.0)
+        CURRENT, updates, TaskAccuracySettings(t_acc=t_acc, server_lr=1.0, rule="softmax")
     )
     for task, adapter in result.task_adapters.items():
         members = [u for u in updates if u.task == task]
@@ -423,7 +423,9 @@ def test_tiny_temperature_sends_all_weight_to_the_best_client() -> None:
         update("b", n=1, acc=0.51),
         update("c", n=10, acc=0.2),
     ]
-    result = task_accuracy_aggregate(CURRENT, updates, TaskAccuracySettings(t_acc=1e-300))
+    result = task_accuracy_aggregate(
+        CURRENT, updates, TaskAccuracySettings(t_acc=1e-300, rule="softmax")
+    )
     assert result.client_weights == {"a": 0.0, "b": 1.0, "c": 0.0}
     assert_adapters_close(result.global_adapter, shifted(CURRENT, updates[1].delta))
 

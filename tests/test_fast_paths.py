@@ -3,7 +3,10 @@
 * the LM head gets contiguous hidden states (training forward and ``generate``'s prefill):
   the same logits up to float32's last bit, so the same tokens drawn;
 * ``selective_log_softmax`` is one fused ``log_softmax`` per row: equal to ``x − logsumexp(x)``
-  and to TRL's own ``selective_log_softmax`` within the TRL cross-check's 1e-5, gradients too.
+  and to TRL's own ``selective_log_softmax`` within the TRL cross-check's 1e-5, gradients too;
+* the rollout draws tokens by inverting the cumulative distribution (``_Sampler``) instead of
+  ``torch.multinomial``: the same distribution (temperature, top-k, top-p), checked against
+  the exact probabilities on many draws.
 """
 
 from __future__ import annotations
@@ -125,3 +128,38 @@ def test_a_step_on_the_fast_paths_matches_the_plain_step(beta, num_iterations):
             assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)
     for key, tensor in fast_adapter.items():
         torch.testing.assert_close(tensor, plain_adapter[key], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 2, 1.0), (0.7, 0, 0.6)]
+)
+def test_sampler_draws_from_the_warped_distribution(
+    temperature: float, top_k: int, top_p: float
+) -> None:
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    rows = 40_000
+    logits = probs.log().expand(rows, -1).contiguous()  # one draw per row
+    ids = torch.zeros(rows, 1, dtype=torch.long)
+    sampler = rollout._Sampler(temperature, top_k, top_p)
+    scores = sampler(ids, logits)
+    drawn = scores.argmax(1)
+    assert torch.equal(scores.isfinite().sum(1), torch.ones(rows, dtype=torch.long))  # one-hot
+    # The exact distribution, through HF's own warpers in HF's order.
+    warped = TemperatureLogitsWarper(temperature)(ids[:1], logits[:1])
+    if top_k:
+        warped = TopKLogitsWarper(top_k)(ids[:1], warped)
+    if top_p < 1.0:
+        warped = TopPLogitsWarper(top_p)(ids[:1], warped)
+    expected = torch.softmax(warped, -1)[0]
+    observed = torch.bincount(drawn, minlength=5).double() / rows
+    sigma = (expected.double() * (1 - expected.double()) / rows).sqrt()
+    assert (observed - expected.double()).abs().le(4 * sigma + 1e-12).all(), (observed, expected)
+    assert observed[expected == 0].eq(0).all()  # never a token the warpers removed
+    # The recorded log-prob is the untruncated tempered one, as the training forward computes.
+    torch.testing.assert_close(
+        sampler.finish()[:, 0],
+        torch.log_softmax(logits / temperature, -1).gather(1, drawn[:, None])[:, 0],
+    )

@@ -118,6 +118,7 @@ min_clients = {min_clients}
 validation_prompts = 1
 test_prompts = 1
 eval_every = 0
+eval_round0 = {round0}
 {server}
 
 [client_defaults]
@@ -139,11 +140,20 @@ def client(cid: str, function: str = "digit_share", extra: str = "", **params: A
 
 
 def experiment(
-    tmp_path: Path, clients: list[str], *, rounds: int = 1, min_clients: int = 1, server: str = ""
+    tmp_path: Path,
+    clients: list[str],
+    *,
+    rounds: int = 1,
+    min_clients: int = 1,
+    server: str = "",
+    round0: bool = False,
 ) -> Path:
+    """An experiment file; round 0 off by default, so each fault hits the round it is for."""
     rewards = tmp_path / "faulty_rewards.py"
     rewards.write_text(REWARDS)
-    text = HEADER.format(rounds=rounds, min_clients=min_clients, server=server)
+    text = HEADER.format(
+        rounds=rounds, min_clients=min_clients, server=server, round0=str(round0).lower()
+    )
     text += "".join(clients).replace("REWARDS", str(rewards))
     path = tmp_path / "experiment.toml"
     path.write_text(text)
@@ -554,7 +564,7 @@ def test_embedded_diverged_client_is_rejected_by_robust_norm(tmp_path, caplog):
             client("b"),
             client(
                 "wild",
-                extra="grpo = { batch_size = 2, group_size = 2, max_new_tokens = 4, lr = 3e37 }",
+                extra="grpo = { batch_size = 2, group_size = 4, max_new_tokens = 4, lr = 3e37 }",
             ),
         ],
         server="robust_norm = 10.0",

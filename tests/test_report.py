@@ -68,10 +68,24 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table_rows(markdown: str) -> dict[str, list[str]]:
-    """The comparison table (the report's last table), as method -> cells."""
-    section = markdown.split("## Comparison", 1)[1]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """The comparison table (the Comparison section's first table), as method -> cells."""
+    return section_table(markdown, "## Comparison")
+
+
+def section_table(markdown: str, heading: str, index: int = 0) -> dict[str, dict[str, str]]:
+    """The ``index``-th table under ``heading``, as first cell -> {header: cell}."""
+    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    tables, current = [], []
+    for line in section.splitlines():
+        if line.startswith("| "):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    lines = tables[index]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:  # after the header and the alignment rule
@@ -260,3 +274,57 @@ def test_malformed_summary(tmp_path):
     shutil.copytree(RUNS / "fedavg-s0", run)
     (run / "summary.json").write_text("{")
     assert_one_line_error(run_cli("report", run), str(run / "summary.json"))
+
+
+def test_paired_difference_matches_scipy_ttest_rel() -> None:
+    from scipy import stats
+
+    from fedmoa.report.aggregate import paired_difference
+
+    a = {0: 0.50, 1: 0.62, 2: 0.55, 3: 0.71, 4: 0.48}
+    b = {0: 0.47, 1: 0.55, 2: 0.56, 3: 0.63, 4: 0.41, 9: 0.9}  # seed 9 has no pair
+    result = paired_difference(a, b)
+    seeds = sorted(a)
+    reference = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+    interval = reference.confidence_interval(0.95)
+    assert result.n == 5
+    assert result.mean == pytest.approx(statistics.mean(a[s] - b[s] for s in seeds), rel=1e-12)
+    assert (result.low, result.high) == pytest.approx((interval.low, interval.high), rel=1e-9)
+    assert result.fmt() == f"{result.mean:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+    assert paired_difference({0: 0.5}, {0: 0.25}).fmt() == "+0.250 (one pair)"
+    assert paired_difference({0: 0.5}, {1: 0.25}).fmt() == "-"
+
+
+def test_paired_table_differences_seed_by_seed(rendered):
+    from scipy import stats
+
+    out, _ = rendered
+    rows = section_table((out / "report.md").read_text(), "## Comparison", index=1)
+    assert set(rows) == {"fedmoa"}  # fedavg is the reference, not a row
+    expected = expected_by_method()
+    for name, key in (("global", "global"), ("personalized", "personal")):
+        moa, avg = expected["fedmoa"][key], expected["fedavg"][key]  # seeds 0, 1 in order
+        interval = stats.ttest_rel(moa, avg).confidence_interval(0.95)
+        diff = statistics.mean(m - a for m, a in zip(moa, avg, strict=True))
+        cell = rows["fedmoa"][f"Δ {name} vs fedavg [95% CI]"]
+        assert cell == f"{diff:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+    assert rows["fedmoa"]["pairs"] == "2"
+
+
+def test_base_and_gain_come_from_round_zero(tmp_path):
+    runs = []
+    for name in ("fedmoa-s0", "fedmoa-s1"):
+        shutil.copytree(RUNS / name, tmp_path / name)
+        metrics = tmp_path / name / "metrics.jsonl"
+        base = {"type": "eval", "round": 0, "global/accuracy": 0.125, "personal/accuracy": 0.125}
+        metrics.write_text(json.dumps(base) + "\n" + metrics.read_text())
+        runs.append(tmp_path / name)
+    report = write_report(runs, tmp_path / "report")
+    row = table_rows(report.markdown.read_text())["fedmoa"]
+    finals = [load_run(r).final_global_accuracy for r in runs]
+    assert row["base global acc"] == "0.125 ± 0.000"
+    assert row["gain global"] == mean_std([f - 0.125 for f in finals])
+    assert load_run(runs[0]).global_accuracy[0] == 0.125  # round 0 is on the curves too
+    # Without a round-0 record there is no base and no gain.
+    plain = table_rows(write_report([RUNS / "fedmoa-s0"], tmp_path / "plain").markdown.read_text())
+    assert plain["fedmoa"]["base global acc"] == "-" and plain["fedmoa"]["gain global"] == "-"

@@ -90,7 +90,7 @@ def test_study_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path: Path
     assert [t["action"] for t in timings] == ["ran", "ran", "resumed", "done before"]
 
 
-def test_report_covers_finished_runs_of_every_seed_not_only_this_calls(
+def test_report_covers_finished_runs_of_every_method_and_seed_not_only_this_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = importlib.util.spec_from_file_location("study", BENCHMARKS / "study.py")
@@ -102,8 +102,9 @@ def test_report_covers_finished_runs_of_every_seed_not_only_this_calls(
         ("fedmoa-seed2", True),
         ("fedavg-seed1", True),
         ("fedavg-seed0", False),  # interrupted: no summary
-        ("local-seed0", True),  # a method not asked for
+        ("local-seed0", True),  # a method not asked for: from another call
         ("fedmoa-hg-seed0", True),  # shares the "fedmoa-" prefix
+        ("fedavg+saw-seed0", True),
     ]:
         (tmp_path / name).mkdir()
         if done:
@@ -113,4 +114,35 @@ def test_report_covers_finished_runs_of_every_seed_not_only_this_calls(
         "fedavg-seed1",
         "fedmoa-seed2",
         "fedmoa-seed10",
+        "fedmoa-hg-seed0",
+        "local-seed0",
+        "fedavg+saw-seed0",
     ]
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("study", BENCHMARKS / "study.py")
+    assert spec is not None and spec.loader is not None
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    return study
+
+
+def test_run_config_splits_method_and_weighting_and_anchors_reward_files(tmp_path: Path) -> None:
+    study = load_study()
+    base = {
+        "server": {"method": "fedmoa"},
+        "clients": [
+            {"rewards": [{"function": "math_accuracy"}, {"function": "mine.py:no_digits"}]}
+        ],
+    }
+    args = study.parse_args(["--config", str(tmp_path / "cfg" / "study.toml"), "--out", "o"])
+    cfg = study.run_config(base, args, "fedavg+saw", 4)
+    assert cfg["server"]["method"] == "fedavg" and cfg["weighting"]["method"] == "saw"
+    assert cfg["output_dir"] == str(Path("o") / "fedavg+saw-seed4")
+    functions = [r["function"] for r in cfg["clients"][0]["rewards"]]
+    assert functions == ["math_accuracy", f"{(tmp_path / 'cfg' / 'mine.py').resolve()}:no_digits"]
+    plain = study.run_config(base, args, "fedmoa", 0)
+    assert "weighting" not in plain and base["clients"][0]["rewards"][1]["function"] == (
+        "mine.py:no_digits"  # the study file's own data is left as it was
+    )

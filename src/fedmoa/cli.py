@@ -353,9 +353,12 @@ def report(
 
 def print_final(cfg, summary: dict, run_path: Path) -> None:
     final = summary["final_eval"] or {}
+    base = summary.get("base_eval") or {}
+    start = f"{_fmt(base.get('global/accuracy'))} at round 0 → " if base else ""
     console.print(
-        f"[bold]{cfg.server.method}[/]: global accuracy {_fmt(final.get('global/accuracy'))}, "
-        f"personalized {_fmt(final.get('personal/accuracy'))}; run directory: [bold]{run_path}[/]"
+        f"[bold]{cfg.server.method}[/]: global accuracy {start}"
+        f"{_fmt(final.get('global/accuracy'))}, personalized "
+        f"{_fmt(final.get('personal/accuracy'))}; run directory: [bold]{run_path}[/]"
     )
 
 

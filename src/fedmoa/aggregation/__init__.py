@@ -17,10 +17,17 @@ from fedmoa.aggregation.server_optimizers import (
     make_server_optimizer,
 )
 from fedmoa.aggregation.task_accuracy import (
+    ACCURACY_RULES,
+    AccuracyEvidence,
+    AccuracyRule,
     TaskAccuracySettings,
+    accumulate_evidence,
     accuracy_weights,
+    cap_shares,
+    noise_aware_weights,
     task_accuracy_aggregate,
     task_shares,
+    within_task_weights,
 )
 from fedmoa.aggregation.updates import (
     Adapter,
@@ -32,6 +39,9 @@ from fedmoa.aggregation.updates import (
 )
 
 __all__ = [
+    "ACCURACY_RULES",
+    "AccuracyEvidence",
+    "AccuracyRule",
     "Adapter",
     "AggregationResult",
     "ClientUpdate",
@@ -40,12 +50,16 @@ __all__ = [
     "ServerOptimizer",
     "ServerOptimizerName",
     "TaskAccuracySettings",
+    "accumulate_evidence",
     "accuracy_weights",
     "adapter_norm",
+    "cap_shares",
     "fedavg",
     "fedavg_aggregate",
     "make_server_optimizer",
+    "noise_aware_weights",
     "sanitize",
     "task_accuracy_aggregate",
     "task_shares",
+    "within_task_weights",
 ]

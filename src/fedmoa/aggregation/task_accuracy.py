@@ -5,8 +5,16 @@ specified in docs "Server: task- and accuracy-aware aggregation":
 
 1. sanitise the updates (``sanitize``);
 2. within each task τ with clients C_τ, weight by samples and accuracy:
-   ``α_k = n_k·exp(a_k/T_acc) / Σ_{l∈C_τ} n_l·exp(a_l/T_acc)``,
-   so a better adapter counts more and ``T_acc → ∞`` is FedAvg within the task;
+   ``α_k = n_k·exp(a_k/T_acc) / Σ_{l∈C_τ} n_l·exp(a_l/T_acc)`` (``rule = "softmax"``,
+   the paper's rule), so a better adapter counts more and ``T_acc → ∞`` is FedAvg
+   within the task. ``a_k`` is measured on only ``V_k`` validation prompts, so by
+   default (``rule = "noise-aware"``) ``a_k`` is replaced by the client's pooled
+   validation record ``â_k`` (this round's ``V_k`` outcomes plus ``ρ`` times its
+   earlier ones) and the temperature grows with the standard error of that record:
+   ``T_τ = T_acc + κ·sqrt(p̄_τ(1−p̄_τ)/N̄_τ)``, so a difference the size of sampling
+   noise moves shares little and ``V → ∞`` (with ``ρ = 0``) is the paper's rule.
+   An optional cap bounds any one client's ``α_k`` (docs/design.md, "Accuracy-aware
+   weights under sampling noise");
 3. task update ``Δ_τ = Σ_{k∈C_τ} α_k Δθ_k``;
 4. task mix ``π_τ ∝ (Σ_{k∈C_τ} n_k)^γ``: γ = 0 gives every task the same share
    whatever its number of clients (tasks do not drown each other out),
@@ -26,9 +34,10 @@ inexact: ``avg(B)·avg(A) ≠ avg(B·A)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
+from typing import Literal
 
 from fedmoa.aggregation.updates import (
     Adapter,
@@ -38,35 +47,153 @@ from fedmoa.aggregation.updates import (
     cast_like,
     check_positive,
     group_by_task,
+    is_real,
     sanitize,
     unchanged_result,
     weighted_sum,
 )
 from fedmoa.errors import ConfigError
 
+AccuracyRule = Literal["noise-aware", "softmax"]
+ACCURACY_RULES: tuple[AccuracyRule, ...] = ("noise-aware", "softmax")
+
 
 @dataclass(frozen=True)
 class TaskAccuracySettings:
-    """Knobs of the aggregation; defaults are the ones in the algorithm doc."""
+    """Knobs of the aggregation; ``rule = "softmax"`` with the defaults is the algorithm doc."""
 
     t_acc: float = 0.1  # accuracy temperature T_acc; math.inf = FedAvg within each task
     gamma: float = 0.0  # task-mix exponent γ; 0 = equal task shares, 1 = by samples
     server_lr: float = 1.0  # η_s
+    rule: AccuracyRule = "noise-aware"
+    noise_scale: float = 5.0  # κ: the temperature's growth per unit of standard error
+    memory: float = 0.5  # ρ: weight of a client's earlier validation outcomes, per round
+    max_client_share: float = 1.0  # cap on one client's α_k within its task; 1 = none
 
     def __post_init__(self) -> None:
         check_positive("t_acc", self.t_acc, allow_inf=True)  # math.inf = FedAvg within a task
         if not isinstance(self.gamma, Real) or not math.isfinite(self.gamma):
             raise ConfigError(f"gamma must be a finite number, got {self.gamma!r}")
         check_positive("server_lr", self.server_lr)
+        if self.rule not in ACCURACY_RULES:
+            raise ConfigError(f"rule must be one of {', '.join(ACCURACY_RULES)}, got {self.rule!r}")
+        if not is_real(self.noise_scale) or not 0 <= self.noise_scale < math.inf:
+            raise ConfigError(f"noise_scale must be a finite number ≥ 0, got {self.noise_scale!r}")
+        if not is_real(self.memory) or not 0 <= self.memory < 1:
+            raise ConfigError(f"memory must be in [0, 1), got {self.memory!r}")
+        if not is_real(self.max_client_share) or not 0 < self.max_client_share <= 1:
+            raise ConfigError(f"max_client_share must be in (0, 1], got {self.max_client_share!r}")
+
+
+@dataclass(frozen=True)
+class AccuracyEvidence:
+    """A client's validation record: ``successes`` out of ``trials`` (discounted by ρ)."""
+
+    successes: float
+    trials: float
+
+
+def accumulate_evidence(
+    previous: Mapping[str, AccuracyEvidence], updates: Iterable[ClientUpdate], memory: float
+) -> dict[str, AccuracyEvidence]:
+    """Each reporting client's record: this round's ``a_k·V_k`` of ``V_k`` plus ρ × its last.
+
+    The adapter a client validates changes every round, so older outcomes count for less
+    (their weight halves each round at ρ = 0.5); clients that did not report keep theirs.
+    """
+    out = dict(previous)
+    for u in updates:
+        old = previous.get(u.client_id, AccuracyEvidence(0.0, 0.0))
+        out[u.client_id] = AccuracyEvidence(
+            u.accuracy * u.validation_size + memory * old.successes,
+            u.validation_size + memory * old.trials,
+        )
+    return out
 
 
 def accuracy_weights(updates: Sequence[ClientUpdate], t_acc: float) -> list[float]:
-    """α_k ∝ n_k·exp(a_k/T_acc) over one task's clients, in the order given."""
-    best = max(u.accuracy for u in updates)
-    # (a_k - a_max)/T_acc ∈ [-inf, 0]: finite or -inf even where a_k/T_acc would overflow to
-    # inf (subnormal T_acc), and exactly 0 for T_acc = inf.
+    """α_k ∝ n_k·exp(a_k/T_acc) over one task's clients, in the order given (the paper's rule)."""
+    return _tempered_weights(updates, [u.accuracy for u in updates], t_acc)
+
+
+def noise_aware_weights(
+    updates: Sequence[ClientUpdate],
+    t_acc: float,
+    noise_scale: float,
+    evidence: Mapping[str, AccuracyEvidence] | None = None,
+) -> list[float]:
+    """α_k ∝ n_k·exp(â_k/T_τ), ``T_τ = T_acc + κ·SE_τ``, over one task's clients.
+
+    ``â_k`` is the client's success rate over its record (``evidence``; this round's
+    ``a_k·V_k`` of ``V_k`` when absent). A client without validation outcomes gets the
+    task's pooled rate ``p̄_τ``: no evidence, no reward and no penalty. ``SE_τ`` is the
+    standard error of one client's rate at the task's pooled rate and mean record size;
+    ``p̄_τ`` is Jeffreys-smoothed, so a task where every answer was right (or wrong) still
+    has a noise scale.
+    """
+    evidence = evidence or {}
+    records = [
+        evidence.get(u.client_id)
+        or AccuracyEvidence(u.accuracy * u.validation_size, float(u.validation_size))
+        for u in updates
+    ]
+    sizes = [r.trials for r in records if r.trials > 0]
+    pooled = (sum(r.successes for r in records) + 0.5) / (sum(sizes) + 1.0)
+    rates = [r.successes / r.trials if r.trials > 0 else pooled for r in records]
+    if not sizes:  # nobody has evidence: by samples alone
+        return _tempered_weights(updates, rates, math.inf)
+    standard_error = math.sqrt(pooled * (1.0 - pooled) / (sum(sizes) / len(sizes)))
+    return _tempered_weights(updates, rates, t_acc + noise_scale * standard_error)
+
+
+def cap_shares(weights: Sequence[float], cap: float) -> list[float]:
+    """Clip each weight at ``max(cap, 1/K)`` and hand the excess to the others pro rata.
+
+    Water-filling: a weight pushed over the cap by the redistribution is clipped in turn,
+    so the result sums to 1 with every weight ≤ the cap and keeps the uncapped ones'
+    ratios.
+    """
+    cap = max(cap, 1.0 / len(weights))
+    out = list(weights)
+    capped: set[int] = set()
+    while over := [i for i, w in enumerate(out) if i not in capped and w > cap]:
+        capped.update(over)
+        free = [i for i in range(len(out)) if i not in capped]
+        left = 1.0 - cap * len(capped)
+        total = sum(weights[i] for i in free)
+        for i in capped:
+            out[i] = cap
+        for i in free:
+            out[i] = left * weights[i] / total if total > 0 else left / len(free)
+    return out
+
+
+def within_task_weights(
+    members: Sequence[ClientUpdate],
+    settings: TaskAccuracySettings,
+    evidence: Mapping[str, AccuracyEvidence] | None = None,
+) -> list[float]:
+    """The α_k of one task's clients under ``settings`` (rule, then the cap)."""
+    if settings.rule == "softmax":
+        alphas = accuracy_weights(members, settings.t_acc)
+    else:
+        alphas = noise_aware_weights(members, settings.t_acc, settings.noise_scale, evidence)
+    return (
+        cap_shares(alphas, settings.max_client_share) if settings.max_client_share < 1 else alphas
+    )
+
+
+def _tempered_weights(
+    updates: Sequence[ClientUpdate], rates: Sequence[float], temperature: float
+) -> list[float]:
+    best = max(rates)
+    # (a_k - a_max)/T ∈ [-inf, 0]: finite or -inf even where a_k/T would overflow to
+    # inf (subnormal T), and exactly 0 for T = inf.
     return _normalized_exp(
-        [math.log(u.num_examples) + (u.accuracy - best) / t_acc for u in updates]
+        [
+            math.log(u.num_examples) + (r - best) / temperature
+            for u, r in zip(updates, rates, strict=True)
+        ]
     )
 
 
@@ -88,9 +215,12 @@ def task_accuracy_aggregate(
     updates: Iterable[ClientUpdate],
     settings: TaskAccuracySettings | None = None,
     robust_norm: float | None = None,
+    evidence: Mapping[str, AccuracyEvidence] | None = None,
 ) -> AggregationResult:
     """One FedMOA server round (steps 1-6 of the module docstring).
 
+    ``evidence``: each client's validation record for the noise-aware rule
+    (:func:`accumulate_evidence`); without it, this round's outcomes alone.
     ``client_weights[k] = π_τ(k)·α_k`` is each client's effective weight in
     ``global_delta = Σ_τ π_τ Δ_τ``. Clients and tasks are processed in sorted
     order, so the result is bit-identical whatever order the replies came in.
@@ -107,7 +237,7 @@ def task_accuracy_aggregate(
     task_deltas: dict[str, Adapter] = {}
     client_weights: dict[str, float] = {}
     for (task, members), share in zip(groups.items(), shares, strict=True):
-        alphas = accuracy_weights(members, settings.t_acc)
+        alphas = within_task_weights(members, settings, evidence)
         task_deltas[task] = weighted_sum([u.delta for u in members], alphas, current)
         client_weights.update(
             {u.client_id: share * a for u, a in zip(members, alphas, strict=True)}

@@ -44,6 +44,8 @@ class ClientUpdate:
     delta: Adapter  # Δθ_k = θ_k - θ_t
     accuracy: float  # a_k: primary-objective validation accuracy of the updated adapter
     metrics: Mapping[str, float] = field(default_factory=dict)
+    # V_k: validation rows behind ``accuracy`` (its evidence); 0 = none, the accuracy says nothing
+    validation_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class AggregationResult:
 
 def check_positive(name: str, value: object, allow_inf: bool = False) -> None:
     """Raise a one-line ConfigError unless ``value`` is a positive (finite) real number."""
-    if _is_real(value) and value > 0 and (allow_inf or math.isfinite(value)):  # NaN fails > 0
+    if is_real(value) and value > 0 and (allow_inf or math.isfinite(value)):  # NaN fails > 0
         return
     kind = "positive number" if allow_inf else "positive finite number"
     raise ConfigError(f"{name} must be a {kind}, got {value!r}")
@@ -138,7 +140,8 @@ def sanitize(
     return accepted, rejected
 
 
-def _is_real(value: object) -> TypeGuard[Real]:
+def is_real(value: object) -> TypeGuard[Real]:
+    """A real number that is not a bool (``True`` is an ``Integral``)."""
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
@@ -152,8 +155,11 @@ def _invalid_reason(update: ClientUpdate, reference: Adapter) -> str | None:
     a = update.accuracy
     if a is None:
         return "accuracy is missing"
-    if not _is_real(a) or not 0.0 <= a <= 1.0:  # NaN fails both comparisons
+    if not is_real(a) or not 0.0 <= a <= 1.0:  # NaN fails both comparisons
         return f"accuracy must be in [0, 1], got {a!r}"
+    v = update.validation_size
+    if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
+        return f"validation_size must be a non-negative integer, got {v!r}"
     if not isinstance(update.task, str) or not update.task:
         return f"task must be a non-empty string, got {update.task!r}"
     missing = sorted(reference.keys() - update.delta.keys())
@@ -183,7 +189,7 @@ def _metrics_reason(metrics: object, required: Collection[str]) -> str | None:
     if missing:
         return f"missing {len(missing)} metric(s): {_first_names(missing)}"
     for name, value in metrics.items():
-        if not _is_real(value):
+        if not is_real(value):
             return f"metric {name!r} is {value!r}, not a number"
         if math.isnan(value) and (name == "reward" or str(name).startswith("reward/")):
             continue  # a reward mean over no applicable sample

@@ -258,6 +258,7 @@ def run_client_round(
         delta=delta,
         accuracy=float(accuracy),
         metrics=metrics,
+        validation_size=len(validation),
     )
     new_state = {"weighting": weighting.state_dict(), "sampler": trainer.sampler.state_dict()}
     return ClientRoundResult(

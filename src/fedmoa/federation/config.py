@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
+from fedmoa.aggregation.task_accuracy import AccuracyRule
 from fedmoa.config import (
     STRICT,
     Location,
@@ -97,6 +98,12 @@ class ServerConfig:
     round_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     # task- and accuracy-aware aggregation
     t_acc: float = Field(0.1, gt=0)
+    # "noise-aware": a_k pooled over rounds, temperature grown by its standard error;
+    # "softmax": the paper's exp(a_k/T_acc) on this round's a_k (docs/design.md)
+    accuracy_rule: AccuracyRule = "noise-aware"
+    accuracy_noise_scale: float = Field(5.0, ge=0, allow_inf_nan=False)  # κ
+    accuracy_memory: float = Field(0.5, ge=0, lt=1)  # ρ: weight of earlier rounds' outcomes
+    max_client_share: float = Field(1.0, gt=0, le=1)  # cap on α_k within a task; 1 = none
     gamma: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
     client_init: Literal["global", "task"] = "global"
@@ -106,6 +113,8 @@ class ServerConfig:
     server_optimizer: dict[str, float] = field(default_factory=dict)
     # evaluation
     validation_prompts: int = Field(16, gt=0)  # V, for the accuracy a_k each client reports
+    # Evaluate the starting (untrained) adapter before round 1, as round 0.
+    eval_round0: bool = True
     eval_every: int = Field(1, ge=0)  # rounds between test evaluations; 0: only at the end
     test_prompts: int = Field(16, gt=0)  # test rows per client and evaluation
     eval_max_new_tokens: int | None = Field(None, gt=0)

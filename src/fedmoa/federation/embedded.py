@@ -86,7 +86,8 @@ class EmbeddedFederation:
     def resume(self) -> int:
         """Restore the last completed round; returns it (0 when starting fresh)."""
         state = latest_checkpoint(self.checkpoint_dir)
-        if state is None:
+        if state is None:  # keep round 0's evaluation, forget a crashed round 1
+            self.run.drop_records_after(0)
             return 0
         for skipped in state["skipped"]:
             logger.warning(
@@ -102,6 +103,7 @@ class EmbeddedFederation:
     def run_rounds(
         self, on_round: RoundCallback | None = None, on_client: ClientCallback | None = None
     ) -> dict[str, Any]:
+        self.evaluate_round0()
         start = self.server.state.completed_rounds
         for server_round in range(start + 1, self.cfg.server.rounds + 1):
             records = self.run_round(server_round, on_client)
@@ -214,6 +216,18 @@ class EmbeddedFederation:
         )
         return records
 
+    def evaluate_round0(self) -> None:
+        """Score the starting adapter before round 1, logged as round 0 (``server.eval_round0``).
+
+        The same rows, rewards and decoding as every later evaluation, so a run shows what
+        training added to the untrained model.
+        """
+        if not self.cfg.server.eval_round0 or self.server.state.completed_rounds:
+            return
+        if any(r.get("type") == "eval" and r.get("round") == 0 for r in self.run.read_metrics()):
+            return  # resumed before round 1 completed
+        self.run.log({"type": "eval", "round": 0, **self.evaluate()})
+
     def evaluate(self, local_models: Mapping[str, Adapter] | None = None) -> dict[str, float]:
         """Test accuracy, per-objective reward means and hypervolume of three models per client.
 
@@ -286,6 +300,8 @@ class EmbeddedFederation:
             "method": self.cfg.server.method,
             "rounds": state.completed_rounds,
             "final_eval": evals[-1] if evals else None,
+            # the starting adapter (server.eval_round0), for base -> final
+            "base_eval": next((r for r in evals if r["round"] == 0), None),
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "bytes_up": sum(r["bytes_up"] for r in rounds),
         }
@@ -309,6 +325,7 @@ def client_record(
         "client": update.client_id,
         "task": update.task,
         "accuracy": update.accuracy,
+        "validation_size": update.validation_size,
         "bytes_down": bytes_down,
         "bytes_up": bytes_up,
         "seconds": seconds,

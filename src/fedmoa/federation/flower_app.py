@@ -92,6 +92,7 @@ PARTITION_ID = "partition-id"
 METRIC_KEYS = (
     "num-examples",
     "accuracy",
+    "validation-size",
     "reward",
     "reward/primary",
     "reward/aux_mean",
@@ -444,6 +445,7 @@ def _reply_to_update(
         num_examples=metrics.pop("num-examples", None),  # type: ignore[arg-type]
         delta=record_to_adapter(content[ADAPTER], like=reference, transport_dtype=transport_dtype),
         accuracy=metrics.pop("accuracy", None),  # type: ignore[arg-type]
+        validation_size=metrics.pop("validation-size", None),  # type: ignore[arg-type]
         metrics={k: v for k, v in metrics.items() if k not in ("bytes_down", "bytes_up")},
     )
     record = client_record(
@@ -464,6 +466,7 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
     run = RunDirectory(settings.run_dir)
     run.save_config(settings.experiment, dataclasses.asdict(cfg))
     federation = EmbeddedFederation(cfg, run)
+    federation.evaluate_round0()
     # server.round_timeout, when the experiment sets it, else the run config's reply-timeout:
     # replies that have not come by then (hung, slow or disconnected nodes) are dropped.
     timeout = cfg.server.round_timeout or settings.reply_timeout
@@ -572,6 +575,7 @@ def train(message: Message, context: Context) -> Message:
         {
             "num-examples": update.num_examples,
             "accuracy": update.accuracy,
+            "validation-size": update.validation_size,
             **update.metrics,
             "bytes_down": result.bytes_down,
             "bytes_up": result.bytes_up,

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedmoa.aggregation import (
+    AccuracyEvidence,
     Adapter,
     AggregationResult,
     ClientUpdate,
     TaskAccuracySettings,
+    accumulate_evidence,
     fedavg_aggregate,
     make_server_optimizer,
     task_accuracy_aggregate,
@@ -30,6 +32,7 @@ from fedmoa.federation.config import (
     SERVER_OPTIMIZER_METHODS,
     TASK_ACCURACY_METHODS,
     ExperimentConfig,
+    ServerConfig,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ class ServerState:
     global_adapter: Adapter
     task_adapters: dict[str, Adapter] = field(default_factory=dict)
     client_adapters: dict[str, Adapter] = field(default_factory=dict)  # the "local" baseline
+    # each client's validation record, for the noise-aware accuracy weights
+    accuracy_evidence: dict[str, AccuracyEvidence] = field(default_factory=dict)
 
 
 class FederatedServer:
@@ -129,8 +134,10 @@ class FederatedServer:
             )
         # Already sanitised (robust_norm included: a second pass would use another median).
         if self.method in TASK_ACCURACY_METHODS:
-            settings = TaskAccuracySettings(server.t_acc, server.gamma, server.server_lr)
-            result = task_accuracy_aggregate(current, accepted, settings)
+            settings = task_accuracy_settings(server)
+            evidence = accumulate_evidence(self.state.accuracy_evidence, accepted, settings.memory)
+            result = task_accuracy_aggregate(current, accepted, settings, evidence=evidence)
+            self.state.accuracy_evidence = evidence
         else:
             result = fedavg_aggregate(current, accepted, server.server_lr)
             if self.optimizer is not None and result.global_delta:
@@ -154,6 +161,9 @@ class FederatedServer:
             "task_adapters": self.state.task_adapters,
             "client_adapters": self.state.client_adapters,
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "accuracy_evidence": {
+                cid: [e.successes, e.trials] for cid, e in self.state.accuracy_evidence.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -162,6 +172,23 @@ class FederatedServer:
             state["global_adapter"],
             state["task_adapters"],
             state["client_adapters"],
+            {  # absent from checkpoints written before the noise-aware rule
+                cid: AccuracyEvidence(*record)
+                for cid, record in state.get("accuracy_evidence", {}).items()
+            },
         )
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def task_accuracy_settings(server: ServerConfig) -> TaskAccuracySettings:
+    """The ``[server]`` keys of the task- and accuracy-aware aggregation."""
+    return TaskAccuracySettings(
+        t_acc=server.t_acc,
+        gamma=server.gamma,
+        server_lr=server.server_lr,
+        rule=server.accuracy_rule,
+        noise_scale=server.accuracy_noise_scale,
+        memory=server.accuracy_memory,
+        max_client_share=server.max_client_share,
+    )

@@ -1,15 +1,20 @@
 """Seeds → mean ± std per method, and the honest difference to FedAvg.
 
 The spread is the sample standard deviation over seeds (``ddof=1``): with one seed
-there is none, and the report says so instead of printing ``± 0``.
+there is none, and the report says so instead of printing ``± 0``. Runs of two methods
+with the same seed share their data, splits and initial adapter, so their difference is
+also taken seed by seed (:func:`paired_difference`), which removes the seed's own
+luck from the comparison.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from scipy import stats
 
 from fedmoa.report.load import RunRecord
 
@@ -64,6 +69,55 @@ def delta(a: Stat, b: Stat) -> Delta:
     return Delta(a.mean - b.mean, se)
 
 
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of seed-by-seed differences and its two-sided t interval (NaN with < 2 pairs)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int  # pairs: seeds both methods have a finite value for
+
+    def fmt(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "-"
+        text = f"{self.mean:+.{digits}f}"
+        if self.n < 2:
+            return f"{text} (one pair)"
+        return f"{text} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+
+
+def paired_difference(
+    a: Mapping[int, float], b: Mapping[int, float], confidence: float = 0.95
+) -> PairedDifference:
+    """``a − b`` over the seeds both have: mean ± t_{(1+c)/2, n−1}·s/√n (paired t interval)."""
+    seeds = sorted(s for s in a.keys() & b.keys() if math.isfinite(a[s]) and math.isfinite(b[s]))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return PairedDifference(math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return PairedDifference(mean, math.nan, math.nan, 1)
+    half = stats.t.ppf((1 + confidence) / 2, len(diffs) - 1) * statistics.stdev(diffs)
+    half /= math.sqrt(len(diffs))
+    return PairedDifference(mean, mean - half, mean + half, len(diffs))
+
+
+PAIRED_METRICS: dict[str, Callable[[RunRecord], float]] = {
+    "global": lambda r: r.final_global_accuracy,
+    "personalized": lambda r: r.final_personal_accuracy,
+    "hypervolume": lambda r: r.final_hypervolume,
+}
+
+
+def by_seed(runs: Iterable[RunRecord], metric: Callable[[RunRecord], float]) -> dict[int, float]:
+    """A metric per seed; a repeated seed keeps its first run (the report warns about it)."""
+    out: dict[int, float] = {}
+    for run in runs:
+        out.setdefault(run.seed, metric(run))
+    return out
+
+
 @dataclass
 class MethodSummary:
     """One method's runs and the figures the comparison table shows."""
@@ -74,10 +128,14 @@ class MethodSummary:
     final_personal: Stat
     final_local_model: Stat
     final_hypervolume: Stat
+    base_global: Stat  # round 0: the starting adapter
+    gain_global: Stat  # final − base, run by run
     bytes_up_per_round: Stat
     bytes_down_per_round: Stat
     delta_global: Delta | None = None  # None: no fedavg among the runs, or this is fedavg
     delta_personal: Delta | None = None
+    # vs fedavg, seed by seed: PAIRED_METRICS name -> difference (empty without fedavg)
+    paired: dict[str, PairedDifference] = field(default_factory=dict)
 
     @property
     def seeds(self) -> list[int]:
@@ -101,6 +159,8 @@ def summarize(runs: list[RunRecord]) -> list[MethodSummary]:
             final_personal=Stat.of(r.final_personal_accuracy for r in group),
             final_local_model=Stat.of(r.final_local_model_accuracy for r in group),
             final_hypervolume=Stat.of(r.final_hypervolume for r in group),
+            base_global=Stat.of(r.base_global_accuracy for r in group),
+            gain_global=Stat.of(r.final_global_accuracy - r.base_global_accuracy for r in group),
             bytes_up_per_round=Stat.of(_per_round(r.bytes_up) for r in group),
             bytes_down_per_round=Stat.of(_per_round(r.bytes_down) for r in group),
         )
@@ -111,6 +171,10 @@ def summarize(runs: list[RunRecord]) -> list[MethodSummary]:
         if base is not None and s is not base:
             s.delta_global = delta(s.final_global, base.final_global)
             s.delta_personal = delta(s.final_personal, base.final_personal)
+            s.paired = {
+                name: paired_difference(by_seed(s.runs, metric), by_seed(base.runs, metric))
+                for name, metric in PAIRED_METRICS.items()
+            }
     return summaries
 
 

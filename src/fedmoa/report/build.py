@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedmoa.errors import FedMOAError
 from fedmoa.report import figures
-from fedmoa.report.aggregate import BASELINE, MethodSummary, Stat, summarize
+from fedmoa.report.aggregate import BASELINE, PAIRED_METRICS, MethodSummary, Stat, summarize
 from fedmoa.report.document import FigureBlock, Section, TableBlock, to_html, to_markdown
 from fedmoa.report.load import RunRecord, load_runs
 
@@ -30,6 +30,16 @@ DELTA_NOTES = (
     "of seeds even a larger Δ is weak evidence."
 )
 NO_BASELINE = "No fedavg run among the inputs, so there is no Δ vs fedavg column."
+PAIRED_NOTES = (
+    "Paired differences: each method minus fedavg on the same seed (same data, splits and "
+    "initial adapter), then the mean over seeds and its 95% paired t interval, "
+    "mean ± t(0.975, n−1)·s/√n. An interval that excludes 0 is a difference the seeds "
+    "support; 'one pair' has no interval."
+)
+BASE_NOTES = (
+    "Base: the starting (untrained) adapter, evaluated before round 1 with the same rows, "
+    "rewards and decoding (round 0); gain is final − base, run by run."
+)
 BYTES_NOTES = (
     "KiB per round: LoRA tensors exchanged, summed over the round's clients (down: the start "
     "adapter; up: the delta), averaged over rounds and then over seeds."
@@ -68,8 +78,11 @@ def write_report(run_dirs: list[Path] | list[str], output: Path | str | None = N
     sections = [Section("Runs", [runs_table(runs), *warnings(runs, summaries)])]
     pngs = _figures(runs, summaries, out, sections)
     has_baseline = any(s.method == BASELINE for s in summaries)
-    notes = [NOTES, DELTA_NOTES if has_baseline else NO_BASELINE, BYTES_NOTES]
-    sections.append(Section("Comparison", [comparison, *notes]))
+    notes = [NOTES, BASE_NOTES, DELTA_NOTES if has_baseline else NO_BASELINE, BYTES_NOTES]
+    blocks = [comparison, *notes]
+    if has_baseline and len(summaries) > 1:
+        blocks += [paired_table(summaries), PAIRED_NOTES]
+    sections.append(Section("Comparison", blocks))
     markdown, page = out / "report.md", out / "report.html"
     markdown.write_text(to_markdown(TITLE, sections), encoding="utf-8")
     page.write_text(to_html(TITLE, sections), encoding="utf-8")
@@ -79,8 +92,8 @@ def write_report(run_dirs: list[Path] | list[str], output: Path | str | None = N
 def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
     """One row per method: final accuracies (mean ± std over seeds), seeds, Δ, bytes."""
     with_delta = any(s.method == BASELINE for s in summaries)
-    headers = ["method", "seeds", "final global acc", "final personalized acc"]
-    headers += ["final local-model acc", "final hypervolume"]
+    headers = ["method", "seeds", "base global acc", "final global acc", "gain global"]
+    headers += ["final personalized acc", "final local-model acc", "final hypervolume"]
     if with_delta:
         headers += ["Δ global vs fedavg", "Δ personalized vs fedavg"]
     headers += ["KiB up/round", "KiB down/round"]
@@ -89,7 +102,9 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
         row = [
             s.method,
             f"{len(s.runs)} ({', '.join(str(seed) for seed in s.seeds)})",
+            s.base_global.fmt(),
             s.final_global.fmt(),
+            s.gain_global.fmt(),
             s.final_personal.fmt(),
             s.final_local_model.fmt(),
             s.final_hypervolume.fmt(),
@@ -100,6 +115,18 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
         row += [s.bytes_up_per_round.fmt(1, 1 / 1024), s.bytes_down_per_round.fmt(1, 1 / 1024)]
         rows.append(row)
     return TableBlock(headers, rows, right=set(range(2, len(headers))))
+
+
+def paired_table(summaries: list[MethodSummary]) -> TableBlock:
+    """One row per method but fedavg: seed-by-seed differences to fedavg with 95% intervals."""
+    headers = ["method", "pairs", *(f"Δ {name} vs fedavg [95% CI]" for name in PAIRED_METRICS)]
+    rows = [
+        [s.method, str(max(d.n for d in s.paired.values()))]
+        + [s.paired[name].fmt() for name in PAIRED_METRICS]
+        for s in summaries
+        if s.paired
+    ]
+    return TableBlock(headers, rows, right=set(range(1, len(headers))))
 
 
 def runs_table(runs: list[RunRecord]) -> TableBlock:

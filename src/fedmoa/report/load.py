@@ -20,6 +20,7 @@ from typing import Any
 from fedmoa.errors import DataError
 from fedmoa.eval.evaluate import hypervolume
 from fedmoa.jsonl import iter_jsonl
+from fedmoa.weighting.config import resolve_method
 
 # client id -> objective -> round -> value
 Trajectories = dict[str, dict[str, dict[int, float]]]
@@ -49,6 +50,10 @@ class RunRecord:
     final_personal_accuracy: float = math.nan
     final_local_model_accuracy: float = math.nan  # NaN: the run did not score local models
     final_hypervolume: float = math.nan  # of the personalized per-objective test reward means
+    # round 0: the starting adapter (NaN: the run did not evaluate it, server.eval_round0)
+    base_global_accuracy: float = math.nan
+    base_personal_accuracy: float = math.nan
+    base_hypervolume: float = math.nan
     finished: bool = False  # summary.json is present
 
     @property
@@ -111,6 +116,12 @@ def load_run(path: str | Path) -> RunRecord:
     run.final_hypervolume = _number(final, "personal/hypervolume", where)
     if math.isnan(run.final_hypervolume):  # runs from before it was logged
         run.final_hypervolume = _mean_hypervolume(final, list(run.clients))
+    base = next((r for _, r in records if r.get("type") == "eval" and r.get("round") == 0), None)
+    if base is not None:
+        where = f"{metrics_path}: round 0"
+        run.base_global_accuracy = _number(base, "global/accuracy", where)
+        run.base_personal_accuracy = _number(base, "personal/accuracy", where)
+        run.base_hypervolume = _number(base, "personal/hypervolume", where)
     run.finished = summary is not None
     return run
 
@@ -221,6 +232,10 @@ def _read_config(
     seed = config.get("seed", 0)
     if not isinstance(method, str) or not isinstance(seed, int):
         raise DataError(f"{source}: server.method must be a string and seed an integer")
+    weighting = config.get("weighting") or config.get("hypergradient") or {}
+    chosen = weighting.get("method", "auto") if isinstance(weighting, dict) else "auto"
+    if isinstance(chosen, str) and chosen not in ("auto", resolve_method("auto", method)):
+        method = f"{method}+{chosen}"  # e.g. fedavg+saw: its own row, not fedavg's
     clients, primary = {}, {}
     for client in config.get("clients") or []:
         if isinstance(client, dict) and isinstance(client.get("id"), str):
