@@ -148,6 +148,10 @@ def test_flower_simulation_matches_embedded_engine(tmp_path):
     assert files(flower_run) == files(embedded_run) | {"config.toml", "resolved_config.json"}
     summary = json.loads((flower_run / "summary.json").read_text())
     assert summary["rounds"] == 2
+    # Round 0 (on by default): the untrained adapter, scored once, first, on both engines.
+    evals = [r for r in flower_records if r["type"] == "eval"]
+    assert evals[0]["round"] == 0 and flower_records[0] == evals[0]
+    assert summary["base_eval"] == evals[0] and evals[0]["global/accuracy"] is not None
 
     # Heterogeneous rewards in one simulation: each client logged its own objectives.
     clients = {(r["client"], r["round"]): r for r in flower_records if r["type"] == "client"}

@@ -92,7 +92,7 @@ PARTITION_ID = "partition-id"
 METRIC_KEYS = (
     "num-examples",
     "accuracy",
-    "validation-size",
+    "validation_size",
     "reward",
     "reward/primary",
     "reward/aux_mean",
@@ -445,7 +445,7 @@ def _reply_to_update(
         num_examples=metrics.pop("num-examples", None),  # type: ignore[arg-type]
         delta=record_to_adapter(content[ADAPTER], like=reference, transport_dtype=transport_dtype),
         accuracy=metrics.pop("accuracy", None),  # type: ignore[arg-type]
-        validation_size=metrics.pop("validation-size", None),  # type: ignore[arg-type]
+        validation_size=metrics.pop("validation_size", None),  # type: ignore[arg-type]
         metrics={k: v for k, v in metrics.items() if k not in ("bytes_down", "bytes_up")},
     )
     record = client_record(
@@ -575,7 +575,7 @@ def train(message: Message, context: Context) -> Message:
         {
             "num-examples": update.num_examples,
             "accuracy": update.accuracy,
-            "validation-size": update.validation_size,
+            "validation_size": update.validation_size,
             **update.metrics,
             "bytes_down": result.bytes_down,
             "bytes_up": result.bytes_up,
