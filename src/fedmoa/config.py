@@ -7,6 +7,7 @@ files and turns validation failures into ``ConfigError("file: a.b[2].c: why")``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Callable, Sequence
@@ -255,5 +256,64 @@ def parse_config(
 
 def load_config(path: str | Path, schema: type[T] = TrainLocalConfig) -> T:  # type: ignore[assignment]
     """Read and validate a TOML config (strictly typed); every failure is a one-line
-    ``ConfigError``."""
-    return parse_config(read_toml(path), schema, str(path), strict=True)
+    ``ConfigError``. Relative paths in it are relative to the file (``anchor_paths``)."""
+    data = anchor_paths(read_toml(path), config_dir(path))
+    return parse_config(data, schema, str(path), strict=True)
+
+
+def config_dir(path: str | Path) -> Path:
+    """The folder a config file's relative paths start from (absolute, ``..`` kept)."""
+    return Path(path).absolute().parent
+
+
+def anchor_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A config table with its relative paths made absolute against ``base``, its file's folder.
+
+    A config file must mean the same wherever it is run from (a SuperNode, another folder):
+    ``output_dir``, ``adapter``, ``data.path``, a reward's ``path/to/file.py:function`` and the
+    same in each of ``clients`` are relative to the file that names them, never to the working
+    directory. Absolute paths, built-in reward names and ``package.module:function`` are kept;
+    command-line options (``--output``) stay relative to the working directory.
+    """
+    out = dict(table)
+    for key in ("output_dir", "adapter"):
+        if key in out:
+            out[key] = _anchored(out[key], base)
+    out.update(_anchor_client(out, base))
+    if isinstance(out.get("clients"), list):
+        out["clients"] = [
+            {**c, **_anchor_client(c, base)} if isinstance(c, dict) else c for c in out["clients"]
+        ]
+    return out
+
+
+def _anchor_client(table: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The ``data`` and ``rewards`` entries of ``table``, anchored (only those it has)."""
+    out: dict[str, Any] = {}
+    data = table.get("data")
+    if isinstance(data, dict) and "path" in data:
+        out["data"] = {**data, "path": _anchored(data["path"], base)}
+    rewards = table.get("rewards")
+    if isinstance(rewards, list):
+        out["rewards"] = [
+            {**r, "function": _anchored_reward(r["function"], base)}
+            if isinstance(r, dict) and "function" in r
+            else r
+            for r in rewards
+        ]
+    return out
+
+
+def _anchored(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value  # not a path (validation reports it), or nothing to anchor
+    return os.path.normpath(base / value)
+
+
+def _anchored_reward(spec: Any, base: Path) -> Any:
+    if not isinstance(spec, str):
+        return spec
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source.endswith(".py"):
+        return spec  # a built-in name or package.module:function
+    return f"{_anchored(source, base)}:{name}"

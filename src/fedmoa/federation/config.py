@@ -23,8 +23,10 @@ from fedmoa.config import (
     LoraConfig,
     ModelConfig,
     RewardConfig,
+    anchor_paths,
     check_rewards,
     check_weight_floor,
+    config_dir,
     field_path,
     parse_config,
     read_toml,
@@ -216,6 +218,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         data["clients"] = [
             merge_defaults(defaults, c) if isinstance(c, dict) else c for c in clients
         ]
+    data = anchor_paths(data, config_dir(path))  # relative to this file, not the cwd
 
     def locate(loc: Location) -> str:
         if legacy and loc and loc[0] == "weighting":
