@@ -41,8 +41,10 @@ class ModelConfig:
     """Which base model, in which dtype, on which device."""
 
     name: str = DEFAULT_MODEL  # "smollm2-135m", a hub id, a local HF dir or a .gguf file
+    # "auto" (bf16 where the hardware runs it natively, else fp32), "bf16", "fp16", "fp32"
     dtype: str = "auto"
     device: str = "auto"  # CUDA when present, else CPU
+    # attention kernel; auto: FlashAttention-2 on CUDA when installed, else SDPA
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     # Expected sha256 of a .gguf ``name``: models repackaged by third parties load only when
     # they are the file you meant.
@@ -92,10 +94,10 @@ class ModelConfig:
 
 @dataclass(config=STRICT)
 class LoraConfig:
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = field(
+    r: int = Field(8, gt=0)  # LoRA rank
+    alpha: int = Field(16, gt=0)  # LoRA scaling numerator (the update is scaled by alpha / r)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the LoRA input during training
+    target_modules: list[str] = field(  # names of the linear layers that get an adapter
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
 
@@ -112,12 +114,17 @@ class RewardConfig:
     truly hangs keeps its thread until the process ends.
     """
 
-    name: str
+    name: str  # objective name, unique within the client
     function: str  # built-in name, "module:function" or "path.py:function"
+    # primary (correctness, exactly one) or auxiliary
     role: Literal["primary", "auxiliary"] = "auxiliary"
+    # initial (static: fixed) weight, normalised over the client's objectives
     weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    # keyword arguments bound to the reward function
     params: dict[str, Any] = field(default_factory=dict)
+    # a failing call stops the run (raise) or scores None and goes on (none)
     on_error: Literal["raise", "none"] = "raise"
+    # seconds one call may take; none: no limit
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
@@ -142,14 +149,14 @@ def check_rewards(rewards: list[RewardConfig]) -> list[RewardConfig]:
 class TrainLocalConfig:
     """``fedmoa train-local``: one client, local GRPO."""
 
-    rewards: list[RewardConfig]
-    steps: int = Field(20, gt=0)
-    seed: int = 0
-    output_dir: str = "runs/train-local"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    rewards: list[RewardConfig]  # the objectives, as a client's
+    steps: int = Field(20, gt=0)  # GRPO steps
+    seed: int = 0  # seeds LoRA init, data split and sampling
+    output_dir: str = "runs/train-local"  # run directory; --output overrides it
+    model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the base model
+    lora: LoraConfig = field(default_factory=LoraConfig)  # [lora]: the adapter that is trained
+    data: DataConfig = field(default_factory=DataConfig)  # [data]: the training rows
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)  # [grpo]: the GRPO settings
     # ``method = "auto"`` is static here (no federation to imply otherwise).
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 

@@ -25,15 +25,22 @@ class DataConfig:
     loaded rows (``fedmoa.data.partition``).
     """
 
+    # loader: reasoning_gym, gsm8k, math, math500, mbpp, humaneval, jsonl, parquet or hub
     source: str = "reasoning_gym"
+    # dataset name (reasoning-gym dataset, benchmark subset or hub id)
     name: str = "basic_arithmetic"
-    path: str | None = None
-    split: str = "train"
+    path: str | None = None  # data file for jsonl and parquet, relative to the config file
+    split: str = "train"  # dataset split to read (hub and benchmark sources)
+    # rows generated (reasoning_gym) or the most rows read; none: all
     size: int | None = Field(default=256, ge=1)
+    # the dataset's own options (reasoning-gym config, MATH levels, ...)
     params: dict[str, Any] = field(default_factory=dict)
+    # our column name -> the file's, e.g. { question = "problem" }
     columns: dict[str, str] = field(default_factory=dict)
+    # system message put before every question; none: no system message
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    seed: int = 0
+    seed: int = 0  # seed of generation and of the train/validation/test split
+    # keep one client's share of the rows (iid, dirichlet, by_label)
     partition: PartitionConfig | None = None
 
     @field_validator("source")

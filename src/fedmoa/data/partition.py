@@ -48,13 +48,15 @@ class PartitionConfig:
     ``alpha`` is used by ``dirichlet`` only. ``seed`` must be the same for all clients.
     """
 
-    scheme: Scheme
-    num_partitions: int = Field(default=1, ge=1)
-    partition_id: int = Field(default=0, ge=0)
-    label: str | None = None
+    scheme: Scheme  # how rows are shared out: iid, dirichlet over a label, or by label value
+    num_partitions: int = Field(default=1, ge=1)  # number of shares the rows are split into
+    partition_id: int = Field(default=0, ge=0)  # which share this client keeps
+    label: str | None = None  # row column to partition by (dirichlet, by_label)
+    # label value(s) this client keeps (by_label)
     value: LabelValue | list[LabelValue] | None = None
+    # Dirichlet concentration: smaller is more skewed (dirichlet)
     alpha: float = Field(default=0.5, gt=0)
-    seed: int = 0
+    seed: int = 0  # partition seed; the same on every client
 
     @model_validator(mode="after")
     def _consistent(self) -> PartitionConfig:

@@ -62,7 +62,7 @@ VERSIONED_PACKAGES = (
 class EvalSplitConfig(SplitConfig):
     """A run's train/validation/test fractions (seeded by ``data.seed``) and which part to score."""
 
-    use: Literal["train", "validation", "test"] = "test"
+    use: Literal["train", "validation", "test"] = "test"  # the part that is scored
 
 
 def default_rewards() -> list[RewardConfig]:
@@ -74,15 +74,16 @@ def default_rewards() -> list[RewardConfig]:
 class EvalConfig:
     """``fedmoa eval``: which policy, on which rows, scored by which objectives."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the base model
     adapter: str | None = None  # PEFT adapter dir, e.g. RUN/adapter or RUN/adapters/global
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # [data]: the rows to score
+    # objectives to score with; default: math correctness
     rewards: list[RewardConfig] = field(default_factory=default_rewards)
     split: EvalSplitConfig | None = None  # None: every row the data source gives
     limit: int | None = Field(None, gt=0)  # the first N rows (of the chosen split)
-    max_new_tokens: int = Field(256, gt=0)
-    batch_size: int = Field(8, gt=0)
-    output_dir: str = "runs/eval"
+    max_new_tokens: int = Field(256, gt=0)  # most tokens per greedy answer
+    batch_size: int = Field(8, gt=0)  # prompts decoded together
+    output_dir: str = "runs/eval"  # where results.json and samples.csv go; --output overrides it
 
     @field_validator("rewards")
     @classmethod

@@ -58,9 +58,10 @@ SERVER_OPTIMIZER_METHODS = frozenset({"fedadam", "fedyogi", "fedavgm"})
 class SplitConfig:
     """Fractions of a client's rows for train / validation / test (disjoint, seeded)."""
 
-    train: float = Field(0.8, gt=0, le=1)
+    train: float = Field(0.8, gt=0, le=1)  # fraction of the rows for training
+    # fraction for validation (the accuracy a_k a client reports)
     validation: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)  # fraction for test evaluation
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -71,12 +72,15 @@ class SplitConfig:
 
 @dataclass(config=STRICT)
 class ClientConfig:
-    id: str = Field(min_length=1)
-    task: str = Field(min_length=1)
+    id: str = Field(min_length=1)  # unique client id
+    task: str = Field(min_length=1)  # task name; the server aggregates and mixes per task
+    # the client's objectives: exactly one primary, any number of auxiliaries
     rewards: list[RewardConfig] = Field(default_factory=list, validate_default=True)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the client's private rows
+    # train / validation / test fractions of those rows
     split: SplitConfig = field(default_factory=SplitConfig)
-    local_steps: int = Field(1, gt=0)
+    local_steps: int = Field(1, gt=0)  # GRPO steps per round
+    # GRPO settings of the client's local steps
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
     @field_validator("rewards")
@@ -91,34 +95,41 @@ class ClientConfig:
 
 @dataclass(config=STRICT)
 class ServerConfig:
+    # federated method: fedmoa, an ablation (fedmoa-hg, fedmoa-taa) or a baseline
     method: Method = "fedmoa"
-    rounds: int = Field(3, gt=0)
-    clients_per_round: int | None = Field(None, gt=0)  # None: every client, every round
+    rounds: int = Field(3, gt=0)  # server rounds
+    clients_per_round: int | None = Field(None, gt=0)  # clients sampled a round; none: all
     min_clients: int = Field(1, gt=0)  # fewer usable updates in a round: the run stops
     # Seconds a client's round may take; a client past it is left out of the round (see
     # docs/design.md, "Faults"). None: no limit.
     round_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
-    # task- and accuracy-aware aggregation
-    t_acc: float = Field(0.1, gt=0)
+    # -- task- and accuracy-aware aggregation --
+    t_acc: float = Field(0.1, gt=0)  # accuracy temperature T_acc; smaller favours the accurate
     # "noise-aware": a_k pooled over rounds, temperature grown by its standard error;
     # "softmax": the paper's exp(a_k/T_acc) on this round's a_k (docs/design.md)
     accuracy_rule: AccuracyRule = "noise-aware"
-    accuracy_noise_scale: float = Field(5.0, ge=0, allow_inf_nan=False)  # κ
+    # κ: standard errors of a client's validation record added to the temperature
+    accuracy_noise_scale: float = Field(5.0, ge=0, allow_inf_nan=False)
     accuracy_memory: float = Field(0.5, ge=0, lt=1)  # ρ: weight of earlier rounds' outcomes
     max_client_share: float = Field(1.0, gt=0, le=1)  # cap on α_k within a task; 1 = none
+    # task-mix exponent: 0 gives every task an equal share, 1 weights tasks by samples
     gamma: float = Field(0.0, ge=0)
-    server_lr: float = Field(1.0, gt=0)
+    server_lr: float = Field(1.0, gt=0)  # server learning rate applied to the aggregated update
+    # clients start a round from the global adapter or from their task's adapter
     client_init: Literal["global", "task"] = "global"
+    # drop updates whose norm exceeds this many times the median norm; none: off
     robust_norm: float | None = Field(None, gt=0)
-    # baselines
-    fedprox_mu: float = Field(0.01, ge=0)
+    # -- baselines --
+    fedprox_mu: float = Field(0.01, ge=0)  # FedProx proximal coefficient μ
+    # FedAdam/FedYogi/FedAvgM settings (e.g. eta, beta_1, tau) for those methods
     server_optimizer: dict[str, float] = field(default_factory=dict)
-    # evaluation
+    # -- evaluation --
     validation_prompts: int = Field(16, gt=0)  # V, for the accuracy a_k each client reports
     # Evaluate the starting (untrained) adapter before round 1, as round 0.
     eval_round0: bool = True
     eval_every: int = Field(1, ge=0)  # rounds between test evaluations; 0: only at the end
     test_prompts: int = Field(16, gt=0)  # test rows per client and evaluation
+    # new tokens per greedy evaluation answer; none: the client's max_new_tokens
     eval_max_new_tokens: int | None = Field(None, gt=0)
     # Also score each client's own locally trained adapter (one more greedy pass per client).
     eval_local_models: bool = True
@@ -130,11 +141,16 @@ class ServerConfig:
 
 @dataclass(config=STRICT)
 class ExperimentConfig:
+    # the clients, one [[clients]] table each ([client_defaults] is merged under each)
     clients: list[ClientConfig]
-    seed: int = 0
+    seed: int = 0  # seeds LoRA init, data splits, client sampling and every client's sampler
+    # run directory (metrics.jsonl, checkpoints, adapters); --output overrides it
     output_dir: str = "runs/experiment"
+    # [model]: the base model every client shares
     model: ModelConfig = field(default_factory=ModelConfig)
+    # [lora]: the adapter that is trained and exchanged
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # [server]: method, rounds, aggregation and evaluation
     server: ServerConfig = field(default_factory=ServerConfig)
     # Every client's weighting. ``method = "auto"``: hypergradient for fedmoa/fedmoa-hg, static
     # for the others; a dynamic method (e.g. "saw") with fedavg gives FedAvg + that weighting.

@@ -40,21 +40,24 @@ class GRPOSettings:
 
     batch_size: int = Field(4, gt=0)  # B prompts per step
     group_size: int = Field(4, gt=1)  # G completions per prompt
-    max_new_tokens: int = Field(128, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    mask_truncated: bool = False
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    beta: float = Field(0.0, ge=0)
-    kl_bias_correction: bool = True
+    max_new_tokens: int = Field(128, gt=0)  # most tokens sampled per completion
+    temperature: float = Field(1.0, gt=0)  # sampling temperature (log-probs are taken at it too)
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass; 1: off
+    top_k: int = Field(0, ge=0)  # top-k sampling; 0: off
+    mask_truncated: bool = False  # leave completions that hit max_new_tokens out of the loss
+    lr: float = Field(1e-5, gt=0)  # AdamW learning rate of the LoRA parameters
+    weight_decay: float = Field(0.0, ge=0)  # AdamW weight decay
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping norm
+    beta: float = Field(0.0, ge=0)  # KL coefficient against the base model (0: no reference pass)
+    kl_bias_correction: bool = True  # importance-correct the k3 KL estimate when num_iterations > 1
+    # lower clip of the probability ratio (1 - epsilon_low)
     epsilon_low: float = Field(0.2, ge=0, lt=1)
-    epsilon_high: float = Field(0.2, ge=0)
-    loss_type: LossType = "grpo"
-    num_iterations: int = Field(1, ge=1)
+    epsilon_high: float = Field(0.2, ge=0)  # upper clip of the probability ratio (1 + epsilon_high)
+    loss_type: LossType = "grpo"  # loss normalisation, as TRL's loss_type
+    num_iterations: int = Field(1, ge=1)  # optimisation passes over each generation batch
+    # per-objective advantages then the weighted sum, or the weighted reward normalised
     advantage: AdvantageMode = "normalize_then_sum"
+    # advantage scaling by the group's std, the batch's, or none
     scale_rewards: ScaleRewards = "group"
     # Recompute layer activations in backward instead of keeping them: less peak memory
     # (what TRL does by default) for one extra forward per step.

@@ -29,8 +29,10 @@ DEFAULT_ETA = {"cosine": 1.0, "persistent": 0.25}
 class WeightingConfig:
     """How a client mixes its objectives; every rule's settings, each used by its rule only."""
 
+    # auto: hypergradient for fedmoa and fedmoa-hg, static otherwise
     method: WeightingMethod = "auto"
     # -- hypergradient (FedMOA's client part) --
+    # hypergradient rule: persistent (default) or the spec's per-step cosine rule
     rule: HypergradientRule = "persistent"
     eta: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: DEFAULT_ETA[rule]
     w_min: float = Field(0.02, ge=0, lt=1)  # floor of every weight (every dynamic method)
@@ -40,10 +42,14 @@ class WeightingConfig:
     # persistent rule: EMA factor of each objective's probe gradient, momentum of the
     # Adam-normalised logit step, saturation window (steps) and per-step gate decay
     ema: float = Field(0.8, ge=0, lt=1)
+    # persistent rule: momentum of the Adam-normalised logit step
     momentum: float = Field(0.9, ge=0, lt=1)
+    # persistent rule: steps without spread before an objective counts as saturated
     saturation_window: int = Field(3, ge=1)
+    # persistent rule: per-step decay of a saturated objective's gate
     saturation_decay: float = Field(0.5, gt=0, lt=1)
     # -- saw / variance baselines: EMA factor of the batch statistics (0: this batch only) --
+    # saw / variance baselines: EMA factor of the batch statistics (0: this batch only)
     smoothing: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
