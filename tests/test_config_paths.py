@@ -129,3 +129,44 @@ def test_fedmoa_run_from_another_folder(tmp_path: Path, monkeypatch) -> None:
     run = config.parent / "out" / "run"
     assert (run / "summary.json").is_file()
     assert not (elsewhere / "out").exists()
+
+
+def test_clients_may_live_in_their_own_files(tmp_path: Path, monkeypatch) -> None:
+    """``clients = ["a.toml", ...]``: each data owner's table in its own file, paths relative to
+    it; the result equals the one-file form."""
+    one_file = load_experiment(write_project(tmp_path / "one"))
+    root = tmp_path / "split"
+    owner = root / "owners" / "a"
+    (owner / "data").mkdir(parents=True)
+    source = tmp_path / "one" / "some" / "dir"
+    (owner / "data" / "rows.jsonl").write_text((source / "data" / "rows.jsonl").read_text())
+    (owner / "my_rewards.py").write_text(REWARD)
+    (owner / "client.toml").write_text(
+        'id = "a"\ntask = "t"\n'
+        'data = { source = "jsonl", path = "data/rows.jsonl", size = 12 }\n'
+        'rewards = [{ name = "answer", function = "my_rewards.py:says_answer", role = "primary" }]\n'
+    )
+    header = 'clients = ["owners/a/client.toml"]\n' + EXPERIMENT.split("[[clients]]")[0]
+    (root / "experiment.toml").write_text(header)
+    monkeypatch.chdir(tmp_path)
+    (client,) = load_experiment(root / "experiment.toml").clients
+    assert client.data.path == str(owner / "data" / "rows.jsonl")
+    assert client.rewards[0].function == f"{owner / 'my_rewards.py'}:says_answer"
+    assert client.grpo == one_file.clients[0].grpo  # [client_defaults] still merged under it
+    assert client.local_steps == one_file.clients[0].local_steps
+
+
+def test_bad_client_files_name_the_file_and_field(tmp_path: Path) -> None:
+    (tmp_path / "experiment.toml").write_text('clients = ["missing.toml", "bad.toml"]\n')
+    with pytest.raises(Exception, match=r"clients\[0\]: config file not found: .*missing.toml"):
+        load_experiment(tmp_path / "experiment.toml")
+    (tmp_path / "missing.toml").write_text(
+        'id = "a"\ntask = "t"\nrewards = [{ name = "r", function = "length", role = "primary", params = { target = 2 } }]\n'
+    )
+    (tmp_path / "bad.toml").write_text(
+        'id = "b"\ntask = "t"\nlocal_steps = 0\nrewards = [{ name = "r", function = "length", role = "primary" }]\n'
+    )
+    with pytest.raises(
+        Exception, match=r"bad\.toml: local_steps \(clients\[1\]\): .*greater than 0"
+    ):
+        load_experiment(tmp_path / "experiment.toml")

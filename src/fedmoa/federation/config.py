@@ -9,6 +9,7 @@ shared settings are written once.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
@@ -141,7 +142,8 @@ class ServerConfig:
 
 @dataclass(config=STRICT)
 class ExperimentConfig:
-    # the clients, one [[clients]] table each ([client_defaults] is merged under each)
+    # the clients: [[clients]] tables, or paths of client files holding one each (relative to
+    # this file); [client_defaults] is merged under each
     clients: list[ClientConfig]
     seed: int = 0  # seeds LoRA init, data splits, client sampling and every client's sampler
     # run directory (metrics.jsonl, checkpoints, adapters); --output overrides it
@@ -214,7 +216,11 @@ def merge_defaults(defaults: dict[str, Any], client: dict[str, Any]) -> dict[str
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read, merge ``[client_defaults]`` into each client, validate (strictly typed); errors name
-    the field path, in ``[client_defaults]`` when the bad value came from there."""
+    the field path, in ``[client_defaults]`` when the bad value came from there.
+
+    A ``clients`` entry may be a table or the path of a client file holding that table (a data
+    owner's own file); paths inside a client file are relative to it.
+    """
     data = read_toml(path)
     legacy = "hypergradient" in data
     if legacy:
@@ -230,7 +236,11 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     if not isinstance(defaults, dict):
         raise ConfigError(f"{path}: client_defaults: must be a table")
     clients = data.get("clients", [])
+    files: dict[int, Path] = {}  # index -> the client file it came from
     if isinstance(clients, list):
+        for i, entry in enumerate(clients):
+            if isinstance(entry, str):
+                files[i], clients[i] = read_client_file(entry, path, i)
         data["clients"] = [
             merge_defaults(defaults, c) if isinstance(c, dict) else c for c in clients
         ]
@@ -243,9 +253,21 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
             own = clients[loc[1]] if isinstance(clients, list) and loc[1] < len(clients) else None
             if _from_defaults(own, defaults, loc[2:]):
                 return f"{field_path(('client_defaults', *loc[2:]))} (in clients[{loc[1]}])"
+            if loc[1] in files:
+                return f"{files[loc[1]]}: {field_path(loc[2:])} (clients[{loc[1]}])"
         return field_path(loc)
 
     return parse_config(data, ExperimentConfig, str(path), strict=True, locate=locate)
+
+
+def read_client_file(entry: str, experiment: str | Path, index: int) -> tuple[Path, dict[str, Any]]:
+    """A client file named in ``clients`` (relative to the experiment), its paths anchored."""
+    file = Path(os.path.normpath(config_dir(experiment) / Path(entry).expanduser()))
+    try:
+        table = read_toml(file)
+    except ConfigError as err:
+        raise ConfigError(f"{experiment}: clients[{index}]: {err}") from None
+    return file, anchor_paths(table, config_dir(file))
 
 
 def _from_defaults(client: Any, defaults: Any, loc: Location) -> bool:
