@@ -29,6 +29,8 @@ FIGURES = [
     "weights-fedavg.png",
     "rewards-fedmoa.png",
     "rewards-fedavg.png",
+    "shares-fedmoa.png",
+    "shares-fedavg.png",
     "communication.png",
 ]
 
@@ -328,3 +330,13 @@ def test_base_and_gain_come_from_round_zero(tmp_path):
     # Without a round-0 record there is no base and no gain.
     plain = table_rows(write_report([RUNS / "fedmoa-s0"], tmp_path / "plain").markdown.read_text())
     assert plain["fedmoa"]["base global acc"] == "-" and plain["fedmoa"]["gain global"] == "-"
+
+
+def test_shares_come_from_the_round_records():
+    run = load_run(RUNS / "fedmoa-s1")
+    records = [json.loads(line) for line in (RUNS / "fedmoa-s1" / "metrics.jsonl").open()]
+    rounds = [r for r in records if r["type"] == "round"]
+    assert rounds and run.shares
+    for record in rounds:
+        for client, weight in record["client_weights"].items():
+            assert run.shares[client][record["round"]] == weight

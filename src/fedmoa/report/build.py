@@ -196,6 +196,13 @@ def _figures(
     rewards = Section(
         "Rewards", ["Training reward means per objective, at each round's last step."]
     )
+    shares = Section(
+        "Server shares",
+        [
+            "Each client's weight in the global update per round (π_τ·α_k; mean over seeds): "
+            "where the aggregation sent it."
+        ],
+    )
     used: set[str] = set()
     for s in summaries:
         name = figures.slug(s.method)
@@ -216,11 +223,16 @@ def _figures(
             ),
             f"{s.method}: per-objective training rewards per client",
         )
+        add(
+            shares,
+            figures.shares_figure(s.runs, s.method, out / f"shares-{name}.png"),
+            f"{s.method}: each client's share of the global update",
+        )
     communication = Section("Communication")
     add(
         communication,
         figures.communication_figure(runs, out / "communication.png"),
         "KiB exchanged per round, summed over clients",
     )
-    sections += [accuracy, weights, rewards, communication]
+    sections += [accuracy, weights, rewards, shares, communication]
     return pngs

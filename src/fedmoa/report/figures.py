@@ -96,6 +96,32 @@ def trajectory_figure(
     return _save(fig, path)
 
 
+def shares_figure(group: list[RunRecord], title: str, path: Path) -> Path | None:
+    """Each client's weight in the global update per round, one subplot per task (mean over
+    seeds, ±std band): where the server's accuracy-aware rule sent the update."""
+    tasks: dict[str, list[str]] = {}
+    for run in group:
+        for client in run.shares:
+            members = tasks.setdefault(run.clients.get(client, "?"), [])
+            if client not in members:
+                members.append(client)
+    if not tasks:
+        return None
+    fig, axes = _grid(len(tasks), "round", "share of the global update")
+    for ax, (task, clients) in zip(axes, tasks.items(), strict=False):
+        ax.set_title(f"task {task}")
+        for i, client in enumerate(clients):
+
+            def series(r: RunRecord, client: str = client) -> dict[int, float]:
+                return r.shares.get(client, {})
+
+            _band(ax, *per_round(group, series), client, COLORS[i % 10])
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def communication_figure(runs: list[RunRecord], path: Path) -> Path:
     """KiB sent to and from clients per round, one line per method."""
     fig, axes = _grid(2, "round", "KiB")

@@ -43,6 +43,7 @@ class RunRecord:
     weights: Trajectories = field(default_factory=dict)
     rewards: Trajectories = field(default_factory=dict)  # training reward means
     alignment: Trajectories = field(default_factory=dict)
+    shares: dict[str, dict[int, float]] = field(default_factory=dict)  # client's weight per round
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
     failures: list[tuple[int, str, str]] = field(default_factory=list)  # round, client, reason
@@ -103,6 +104,10 @@ def load_run(path: str | Path) -> RunRecord:
         elif kind == "round":
             run.bytes_up[server_round] = int(_number(record, "bytes_up", where, 0))
             run.bytes_down[server_round] = int(_number(record, "bytes_down", where, 0))
+            weights = record.get("client_weights")
+            for client in weights if isinstance(weights, dict) else ():
+                share = _number(weights, client, f"{where}: client_weights")
+                run.shares.setdefault(client, {})[server_round] = share
         else:
             _add_eval(run, record, server_round, where)
     final = (summary or {}).get("final_eval")
