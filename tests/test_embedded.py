@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedmoa.federation import evaluation
 from fedmoa.federation.config import load_experiment
 from fedmoa.federation.embedded import EmbeddedFederation
 from fedmoa.runs import RunDirectory
@@ -135,13 +136,13 @@ def test_evaluation_scores_global_personalized_and_local_models(
     """Per client: the global adapter, its personalized adapter and, unless switched off, the
     adapter it trained this round (start + its own delta), each with a hypervolume."""
     scored: list[tuple[str, dict[str, torch.Tensor]]] = []
-    original = EmbeddedFederation.score
+    original = evaluation.score_adapter
 
-    def spy(self, client, adapter):
+    def spy(policy, tokenizer, client, adapter, *args):
         scored.append((client.id, {k: v.clone() for k, v in adapter.items()}))
-        return original(self, client, adapter)
+        return original(policy, tokenizer, client, adapter, *args)
 
-    monkeypatch.setattr(EmbeddedFederation, "score", spy)
+    monkeypatch.setattr(evaluation, "score_adapter", spy)
     config = write_experiment(tmp_path, method, rounds=1)
     if not eval_local_models:
         config.write_text(
@@ -165,21 +166,28 @@ def test_evaluation_scores_global_personalized_and_local_models(
     has_local = {f"local_model/{cid}/accuracy" for cid in clients} <= set(record)
     assert has_local == eval_local_models
     assert ("local_model/accuracy" in record) == eval_local_models
-    calls_per_client = 3 if method == "fedavg" and eval_local_models else 2
-    assert len(scored) == calls_per_client * len(clients)
+    by_client: dict[str, list[dict[str, torch.Tensor]]] = {}
+    for cid, adapter in scored:
+        by_client.setdefault(cid, []).append(adapter)
+    assert list(by_client) == clients  # one client after the other
     if method == "local" and eval_local_models:
         for cid in clients:  # the personalized adapter is the local model: scored once
+            assert len(by_client[cid]) == 2
             assert record[f"local_model/{cid}/accuracy"] == record[f"personal/{cid}/accuracy"]
-    if calls_per_client == 3:
+    if method == "fedavg" and not eval_local_models:
+        assert all(len(by_client[cid]) == 2 for cid in clients)  # global, task adapter
+    if method == "fedavg" and eval_local_models:
         state = federation.server.state
-        deltas = {r["client"]: r for r in federation.run.read_metrics() if r["type"] == "client"}
-        assert set(deltas) == set(clients)
-        for i, cid in enumerate(clients):
-            global_, personal, local = (a for _, a in scored[3 * i : 3 * i + 3])
-            assert [c for c, _ in scored[3 * i : 3 * i + 3]] == [cid] * 3
+        for cid in clients:
             task = "chain" if cid == "chain" else "math"
+            global_, personal, *local = by_client[cid]
             assert all(torch.equal(global_[k], state.global_adapter[k]) for k in global_)
             assert all(torch.equal(personal[k], state.task_adapters[task][k]) for k in personal)
+            if cid == "chain":  # alone in its task: its task adapter is its local model
+                assert local == []
+                assert record["local_model/chain/accuracy"] == record["personal/chain/accuracy"]
+                continue
+            (local,) = local
             # Started from the initial global adapter and moved away from it on its own.
             assert any(not torch.equal(local[k], initial[k]) for k in local)
             assert any(not torch.equal(local[k], global_[k]) for k in local)

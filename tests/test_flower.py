@@ -200,7 +200,8 @@ class LoopbackGrid:
             if kind == "train" and node in self.failing:
                 replies.append(Message(Error(code=0, reason="out of memory"), reply_to=message))
                 continue
-            handler = flower_app.train if kind == "train" else flower_app.identify
+            handlers = {"train": flower_app.train, "query": flower_app.identify}
+            handler = handlers.get(kind, flower_app.evaluate)  # looked up late: tests spy on it
             replies.append(handler(message, self.contexts[node]))
         return replies
 
@@ -248,6 +249,51 @@ def test_failed_reply_is_logged_and_skipped(tmp_path, task_identity, caplog):
     # The reply's metric keys are the uniform ones, whatever the client's objectives.
     ok = next(r for r in records if r["type"] == "client" and r["client"] == "chain")
     assert set(METRIC_KEYS) - {"num-examples"} <= set(ok)
+
+
+def test_evaluation_runs_on_the_clients_and_matches_the_embedded_engine(
+    tmp_path, task_identity, monkeypatch
+):
+    """Every client scores on its own node (evaluate messages, metrics-only replies) at round 0
+    and after the last round; the eval records equal the embedded engine's, which calls the
+    same ``evaluate_client`` for each client in turn."""
+    config = write_experiment(tmp_path, "fedavg", rounds=1)
+    with torch_threads(1):
+        federation, _ = run_embedded(config, tmp_path / "embedded")
+    expected = [r for r in federation.run.read_metrics() if r["type"] == "eval"]
+
+    evaluated: list[tuple[int, str, list[str]]] = []
+    replies: list[list[str]] = []
+    original = flower_app.evaluate
+
+    def spy(message, context):
+        rounds = int(message.content[flower_app.ROUND_CONFIG]["server-round"])
+        client = str(message.content[flower_app.ROUND_CONFIG]["client-id"])
+        evaluated.append((rounds, client, sorted(message.content.array_records)))
+        reply = original(message, context)
+        replies.append(sorted(reply.content.keys()))
+        return reply
+
+    monkeypatch.setattr(flower_app, "evaluate", spy)
+    run = tmp_path / "flower"
+    grid = LoopbackGrid(
+        {30: 2, 10: 1, 20: 0}, {EXPERIMENT_KEY: str(config), RUN_DIR_KEY: str(run)}, set()
+    )
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={EXPERIMENT_KEY: str(config), RUN_DIR_KEY: str(run)},
+    )
+    with torch_threads(1):
+        serve(grid, context)
+    clients = ["math-a", "math-b", "chain"]
+    sent = [f"{flower_app.ADAPTER}/{k}" for k in ("global", "local_model", "personal")]
+    assert evaluated == [(0, c, sent[::2]) for c in clients] + [(1, c, sent) for c in clients]
+    assert replies == [[flower_app.METRICS]] * 6  # metrics only: no adapter, no rows
+    got = [r for r in RunDirectory(run).read_metrics() if r["type"] == "eval"]
+    assert got == expected
 
 
 # -- records ---------------------------------------------------------------------------------

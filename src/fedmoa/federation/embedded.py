@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 from fedmoa.aggregation import Adapter, AggregationResult, ClientUpdate
 from fedmoa.aggregation.updates import apply_delta
 from fedmoa.errors import FedMOAError
-from fedmoa.eval import EvalResult, evaluate_rows
 from fedmoa.federation.centralized import CENTRAL_ID, pooled_client
 from fedmoa.federation.checkpoint import latest_checkpoint, save_checkpoint
 from fedmoa.federation.client import (
@@ -38,7 +36,8 @@ from fedmoa.federation.client import (
     objective_metrics,
     run_client_round,
 )
-from fedmoa.federation.config import ClientConfig, ExperimentConfig
+from fedmoa.federation.config import ExperimentConfig
+from fedmoa.federation.evaluation import aggregate_evaluation, evaluate_client
 from fedmoa.federation.server import FederatedServer, RoundPlan
 from fedmoa.grpo.trainer import PhaseTimer
 from fedmoa.models import attach_lora
@@ -56,6 +55,17 @@ def build_policy(cfg: ExperimentConfig) -> tuple[Any, Any, Adapter]:
     seed_everything(cfg.seed)
     policy = attach_lora(model, lora_settings(cfg))
     return policy, tokenizer, adapter_state(policy)
+
+
+@dataclasses.dataclass
+class PendingRound:
+    """A round aggregated but not yet evaluated, logged or checkpointed."""
+
+    server_round: int
+    records: list[dict[str, Any]]
+    timer: PhaseTimer
+    evaluate: bool  # an evaluation round (server.eval_every, and the last round)
+    local_models: dict[str, Adapter]  # each client's trained adapter, when they are scored
 
 
 class EmbeddedFederation:
@@ -161,11 +171,19 @@ class EmbeddedFederation:
     def complete_round(
         self, plan: RoundPlan, updates: list[ClientUpdate], records: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        """Aggregate the round's replies, evaluate, log every record and checkpoint.
+        """Aggregate the round's replies, evaluate, log every record and checkpoint."""
+        pending = self.aggregate_replies(plan, updates, records)
+        metrics = None
+        if pending.evaluate:
+            with pending.timer.phase("evaluate"):
+                metrics = self.evaluate(pending.local_models)
+        return self.finish_round(pending, metrics)
 
-        The server half of a round, shared with the Flower ServerApp: only how the
-        client replies arrive differs between engines.
-        """
+    def aggregate_replies(
+        self, plan: RoundPlan, updates: list[ClientUpdate], records: list[dict[str, Any]]
+    ) -> PendingRound:
+        """The server half of a round up to evaluation, shared with the Flower ServerApp: only
+        how the client replies (and, next, the evaluation scores) arrive differs."""
         cfg, server_round = self.cfg, plan.server_round
         records = list(records)
         timer = PhaseTimer()
@@ -189,14 +207,21 @@ class EmbeddedFederation:
             }
         )
         every = cfg.server.eval_every
-        if (every and server_round % every == 0) or server_round == cfg.server.rounds:
-            with timer.phase("evaluate"):
-                local = (
-                    self.local_models(plan, updates, aggregated)
-                    if cfg.server.eval_local_models
-                    else {}
-                )
-                records.append({"type": "eval", "round": server_round, **self.evaluate(local)})
+        evaluate = bool(every and server_round % every == 0) or server_round == cfg.server.rounds
+        local = (
+            self.local_models(plan, updates, aggregated)
+            if evaluate and cfg.server.eval_local_models
+            else {}
+        )
+        return PendingRound(server_round, records, timer, evaluate, local)
+
+    def finish_round(
+        self, pending: PendingRound, metrics: Mapping[str, float] | None
+    ) -> list[dict[str, Any]]:
+        """Add the evaluation (if any), log every record, then checkpoint the round."""
+        records, timer, server_round = pending.records, pending.timer, pending.server_round
+        if metrics is not None:
+            records.append({"type": "eval", "round": server_round, **metrics})
         round_record = next(r for r in records if r["type"] == "round")
         round_record.update({f"timing/{k}": v for k, v in timer.seconds.items()})
         for record in records:  # logged before the checkpoint: resume drops what has none
@@ -222,57 +247,53 @@ class EmbeddedFederation:
         The same rows, rewards and decoding as every later evaluation, so a run shows what
         training added to the untrained model.
         """
+        if self.round0_due():
+            self.log_round0(self.evaluate())
+
+    def round0_due(self) -> bool:
+        """On, nothing trained yet, and not already logged by a run that was then resumed."""
         if not self.cfg.server.eval_round0 or self.server.state.completed_rounds:
-            return
-        if any(r.get("type") == "eval" and r.get("round") == 0 for r in self.run.read_metrics()):
-            return  # resumed before round 1 completed
-        self.run.log({"type": "eval", "round": 0, **self.evaluate()})
+            return False
+        return not any(
+            r.get("type") == "eval" and r.get("round") == 0 for r in self.run.read_metrics()
+        )
+
+    def log_round0(self, metrics: Mapping[str, float]) -> None:
+        self.run.log({"type": "eval", "round": 0, **metrics})
 
     def evaluate(self, local_models: Mapping[str, Adapter] | None = None) -> dict[str, float]:
-        """Test accuracy, per-objective reward means and hypervolume of three models per client.
+        """Every client scores its adapters on its own test rows; the server combines the scores.
 
-        ``global/``: the global adapter on every client's test split (averaged per task);
-        ``personal/``: its personalized adapter (task adapter; own adapter for ``local``);
-        ``local_model/``: what it trained this round (``local_models``), on its own split.
+        The same two functions as a Flower deployment's evaluate messages
+        (``fedmoa.federation.evaluation``), called here for each client in turn.
         """
-        cfg, state = self.cfg, self.server.state
-        local_models = local_models or {}
-        out: dict[str, float] = {}
-        per_task: dict[str, list[float]] = {}
-        for client in cfg.clients:
-            global_result = self.score(client, state.global_adapter)
-            per_task.setdefault(client.task, []).append(global_result.accuracy)
-            out.update(global_result.metrics(f"global/{client.id}"))
-            personal = state.client_adapters.get(client.id) or state.task_adapters.get(client.task)
-            personal_result = global_result if personal is None else self.score(client, personal)
-            out.update(personal_result.metrics(f"personal/{client.id}"))
-            local = local_models.get(client.id)
-            if local is not None:
-                local_result = personal_result if local is personal else self.score(client, local)
-                out.update(local_result.metrics(f"local_model/{client.id}"))
-        for task, values in per_task.items():
-            out[f"global/{task}/accuracy"] = _mean(values)
-        out["global/accuracy"] = _mean([out[f"global/{t}/accuracy"] for t in per_task])
-        for prefix, ids in (
-            ("personal", [c.id for c in cfg.clients]),
-            ("local_model", [c.id for c in cfg.clients if c.id in local_models]),
-        ):
-            for metric in ("accuracy", "hypervolume") if ids else ():
-                out[f"{prefix}/{metric}"] = _mean([out[f"{prefix}/{i}/{metric}"] for i in ids])
-        return out
+        scores = {
+            client.id: evaluate_client(
+                self.policy,
+                self.tokenizer,
+                client,
+                self.data[client.id],
+                self.reward_funcs[client.id],
+                self.eval_adapters(client.id, local_models),
+                self.cfg.server,
+            )
+            for client in self.cfg.clients
+        }
+        return aggregate_evaluation(scores, {c.id: c.task for c in self.cfg.clients})
 
-    def score(self, client: ClientConfig, adapter: Adapter) -> EvalResult:
-        """Greedy pass@1 and reward means of ``adapter`` on ``client``'s test split."""
-        server = self.cfg.server
-        load_adapter(self.policy, adapter)
-        return evaluate_rows(
-            self.policy,
-            self.tokenizer,
-            self.data[client.id].test[: server.test_prompts],
-            self.reward_funcs[client.id],
-            client.primary_reward,
-            server.eval_max_new_tokens or client.grpo.max_new_tokens,
-        )
+    def eval_adapters(
+        self, client_id: str, local_models: Mapping[str, Adapter] | None = None
+    ) -> dict[str, Adapter]:
+        """What ``client_id`` scores: the global adapter, its personalized adapter (its task
+        adapter; its own for ``local``; the global one before any exists) and its local model."""
+        state = self.server.state
+        task = self.clients[client_id].task
+        personal = state.client_adapters.get(client_id) or state.task_adapters.get(task)
+        adapters = {"global": state.global_adapter, "personal": personal or state.global_adapter}
+        local = (local_models or {}).get(client_id)
+        if local is not None:
+            adapters["local_model"] = local
+        return adapters
 
     def local_models(
         self, plan: RoundPlan, updates: list[ClientUpdate], aggregated: AggregationResult
@@ -337,8 +358,3 @@ def client_record(
 def failed_client_record(server_round: int, client_id: str, reason: str) -> dict[str, Any]:
     """The record of a client whose round failed: it is left out of aggregation."""
     return {"type": "client", "round": server_round, "client": client_id, "failed": reason}
-
-
-def _mean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else math.nan

@@ -61,13 +61,15 @@ from fedmoa.federation.client import (
     objective_metrics,
     run_client_round,
 )
-from fedmoa.federation.config import ExperimentConfig, load_experiment
+from fedmoa.federation.config import ClientConfig, ExperimentConfig, load_experiment
 from fedmoa.federation.embedded import (
     EmbeddedFederation,
+    PendingRound,
     build_policy,
     client_record,
     failed_client_record,
 )
+from fedmoa.federation.evaluation import EVAL_KINDS, aggregate_evaluation, evaluate_client
 from fedmoa.federation.server import RoundPlan
 from fedmoa.models import resolve_device
 from fedmoa.rewards import RewardFunc
@@ -263,11 +265,14 @@ class FedMOAStrategy(Strategy):
     """Flower's strategy contract over the embedded engine's server half.
 
     ``configure_train`` sends each client of ``FederatedServer.configure_round``
-    its start adapter; ``aggregate_train`` turns the replies into
-    ``ClientUpdate`` objects and hands them, with the client records, to
-    ``EmbeddedFederation.complete_round`` (aggregation, evaluation, records,
-    checkpoint). Evaluation runs on the server as in the embedded engine, so
-    there are no federated-evaluation messages.
+    its start adapter; ``aggregate_train`` turns the replies into ``ClientUpdate``
+    objects and hands them, with the client records, to
+    ``EmbeddedFederation.aggregate_replies``. On evaluation rounds
+    ``configure_evaluate`` sends every client the adapters it scores (global,
+    personalized, its local model) and each ClientApp scores them on its own test
+    rows (:func:`evaluate`); ``aggregate_evaluate`` combines the metrics-only
+    replies (``aggregate_evaluation``, as the embedded engine does), then the round
+    is logged and checkpointed (``EmbeddedFederation.finish_round``).
     """
 
     def __init__(
@@ -285,6 +290,8 @@ class FedMOAStrategy(Strategy):
         self.index = {c.id: i for i, c in enumerate(federation.cfg.clients)}
         self.nodes: dict[str, int] = {}  # client id -> node id
         self.plan: RoundPlan | None = None
+        self.pending: PendingRound | None = None  # aggregated, waiting for its evaluation
+        self.evaluate_sent = 0.0  # perf_counter when the evaluate messages went out
 
     def summary(self) -> None:
         """Logged by ``Strategy.start`` on Flower's logger, next to Flower's own lines."""
@@ -366,25 +373,96 @@ class FedMOAStrategy(Strategy):
                 continue
             updates.append(update)
             records.append(record)
-        records = self.federation.complete_round(plan, updates, records)
-        if self.on_round is not None:
-            self.on_round(server_round, records)
+        self.pending = self.federation.aggregate_replies(plan, updates, records)
         metrics = MetricRecord({"replies": len(updates)})
-        for record in records:
-            if record["type"] == "eval" and record.get("global/accuracy") is not None:
-                metrics["global/accuracy"] = float(record["global/accuracy"])
         return adapter_to_record(self.federation.server.state.global_adapter), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No federated evaluation: the server evaluates every client's test split itself."""
-        return []
+        """On an evaluation round, one message per client with the adapters it scores."""
+        del arrays, config
+        pending = self.pending
+        if pending is None or pending.server_round != server_round or not pending.evaluate:
+            return []
+        self.evaluate_sent = time.perf_counter()
+        return self.evaluate_messages(server_round, pending.local_models)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return None
+        """Combine the clients' scores, then log and checkpoint the round."""
+        pending = self.pending
+        if pending is None or pending.server_round != server_round:
+            raise RuntimeError(f"aggregate_evaluate({server_round}) without aggregate_train")
+        metrics = None
+        if pending.evaluate:
+            metrics = self.combine_scores(server_round, replies)
+            pending.timer.seconds["evaluate"] = time.perf_counter() - self.evaluate_sent
+        records = self.federation.finish_round(pending, metrics)
+        self.pending = None
+        if self.on_round is not None:
+            self.on_round(server_round, records)
+        accuracy = (metrics or {}).get("global/accuracy")
+        return MetricRecord({"global/accuracy": float(accuracy)}) if accuracy is not None else None
+
+    def evaluate_round0(self, grid: Grid) -> None:
+        """Round 0 (``server.eval_round0``): every client scores the starting adapter."""
+        if not self.federation.round0_due():
+            return
+        if not self.nodes:
+            self.nodes = self._discover_nodes(grid)
+        replies = grid.send_and_receive(self.evaluate_messages(0, {}), timeout=self.reply_timeout)
+        self.federation.log_round0(self.combine_scores(0, replies))
+
+    def evaluate_messages(
+        self, server_round: int, local_models: Mapping[str, Adapter]
+    ) -> list[Message]:
+        messages = []
+        for client in self.federation.cfg.clients:
+            adapters = self.federation.eval_adapters(client.id, local_models)
+            content = RecordDict(
+                {
+                    **{f"{ADAPTER}/{kind}": adapter_to_record(a) for kind, a in adapters.items()},
+                    ROUND_CONFIG: ConfigRecord(
+                        {
+                            "server-round": server_round,
+                            "client-index": self.index[client.id],
+                            "client-id": client.id,
+                        }
+                    ),
+                }
+            )
+            messages.append(
+                Message(
+                    content=content,
+                    dst_node_id=self.nodes[client.id],
+                    message_type=MessageType.EVALUATE,
+                    group_id=str(server_round),
+                )
+            )
+        return messages
+
+    def combine_scores(self, server_round: int, replies: Iterable[Message]) -> dict[str, float]:
+        """The eval record from the clients' metrics-only replies; a failed one is logged and
+        left out."""
+        client_of_node = {node: cid for cid, node in self.nodes.items()}
+        scores: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            client_id = client_of_node.get(reply.metadata.src_node_id)
+            if client_id is None:
+                continue
+            if reply.has_error():
+                logger.warning(
+                    "round %d: client %r failed to evaluate: %s",
+                    server_round,
+                    client_id,
+                    " ".join(reply.error.reason.split()),
+                )
+                continue
+            scores[client_id] = {k: float(v) for k, v in reply.content[METRICS].items()}
+        tasks = {c.id: c.task for c in self.federation.cfg.clients}
+        return aggregate_evaluation(scores, tasks)
 
     def _discover_nodes(self, grid: Grid) -> dict[str, int]:
         """client id → node id, from the ``partition-id`` each node reports about itself."""
@@ -466,13 +544,13 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
     run = RunDirectory(settings.run_dir)
     run.save_config(settings.experiment, dataclasses.asdict(cfg))
     federation = EmbeddedFederation(cfg, run)
-    federation.evaluate_round0()
     # server.round_timeout, when the experiment sets it, else the run config's reply-timeout:
     # replies that have not come by then (hung, slow or disconnected nodes) are dropped.
     timeout = cfg.server.round_timeout or settings.reply_timeout
     strategy = FedMOAStrategy(
         federation, node_timeout=settings.node_timeout, reply_timeout=timeout, on_round=on_round
     )
+    strategy.evaluate_round0(grid)
     strategy.start(
         grid,
         adapter_to_record(federation.server.state.global_adapter),
@@ -541,12 +619,7 @@ def train(message: Message, context: Context) -> Message:
     cfg = runtime.cfg
     round_config = message.content[ROUND_CONFIG]
     index, client_id = int(round_config["client-index"]), str(round_config["client-id"])
-    client = cfg.clients[index]
-    if client.id != client_id:
-        raise FedMOAError(
-            f"client {index} of {settings.experiment} is {client.id!r}, the server asked for "
-            f"{client_id!r}: do server and SuperNodes read the same experiment file?"
-        )
+    client = _check_client(runtime, settings, index, client_id)
     data, reward_funcs = runtime.client_inputs(index)
     prefix = f"fedmoa/{client.id}"
     result = run_client_round(
@@ -602,6 +675,41 @@ def train(message: Message, context: Context) -> Message:
 # -- the apps ------------------------------------------------------------------------------
 
 
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the adapters the server sent on this client's own test rows; reply metrics only.
+
+    The same ``evaluate_client`` call the embedded engine makes for each client.
+    """
+    settings = RunSettings.from_run_config(context.run_config)
+    runtime = client_runtime(settings.experiment)
+    round_config = message.content[ROUND_CONFIG]
+    index, client_id = int(round_config["client-index"]), str(round_config["client-id"])
+    client = _check_client(runtime, settings, index, client_id)
+    data, reward_funcs = runtime.client_inputs(index)
+    adapters = {
+        kind: record_to_adapter(message.content[f"{ADAPTER}/{kind}"], like=runtime.initial)
+        for kind in EVAL_KINDS
+        if f"{ADAPTER}/{kind}" in message.content
+    }
+    metrics = evaluate_client(
+        runtime.policy, runtime.tokenizer, client, data, reward_funcs, adapters, runtime.cfg.server
+    )
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
+
+
+def _check_client(
+    runtime: ClientRuntime, settings: RunSettings, index: int, client_id: str
+) -> ClientConfig:
+    """Client ``index`` of this node's experiment, which must be the one the server named."""
+    client = runtime.cfg.clients[index]
+    if client.id != client_id:
+        raise FedMOAError(
+            f"client {index} of {settings.experiment} is {client.id!r}, the server asked for "
+            f"{client_id!r}: do server and SuperNodes read the same experiment file?"
+        )
+    return client
+
+
 def _with_run_config(
     handler: Callable[..., Any], run_config: Mapping[str, UserConfigValue] | None
 ) -> Callable[..., Any]:
@@ -648,9 +756,11 @@ def build_server_app(
 
 
 def build_client_app(run_config: Mapping[str, UserConfigValue] | None = None) -> ClientApp:
-    """A ClientApp answering ``train`` (:func:`train`) and ``query`` (:func:`identify`)."""
+    """A ClientApp answering ``train`` (:func:`train`), ``evaluate`` (:func:`evaluate`) and
+    ``query`` (:func:`identify`)."""
     app = ClientApp()
     app.train()(_with_run_config(train, run_config))
+    app.evaluate()(_with_run_config(evaluate, run_config))
     app.query()(_with_run_config(identify, run_config))
     return app
 
