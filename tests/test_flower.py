@@ -256,7 +256,8 @@ def test_evaluation_runs_on_the_clients_and_matches_the_embedded_engine(
 ):
     """Every client scores on its own node (evaluate messages, metrics-only replies) at round 0
     and after the last round; the eval records equal the embedded engine's, which calls the
-    same ``evaluate_client`` for each client in turn."""
+    same ``evaluate_client`` for each client in turn; the ServerApp never loads a client's
+    data or reward code."""
     config = write_experiment(tmp_path, "fedavg", rounds=1)
     with torch_threads(1):
         federation, _ = run_embedded(config, tmp_path / "embedded")
@@ -275,6 +276,13 @@ def test_evaluation_runs_on_the_clients_and_matches_the_embedded_engine(
         return reply
 
     monkeypatch.setattr(flower_app, "evaluate", spy)
+
+    def server_must_not(*args, **kwargs):
+        raise AssertionError("the ServerApp opened a client's data or reward code")
+
+    # The server half (EmbeddedFederation in the ServerApp) must not touch client data.
+    monkeypatch.setattr("fedmoa.federation.embedded.load_client_data", server_must_not)
+    monkeypatch.setattr("fedmoa.federation.embedded.client_reward_funcs", server_must_not)
     run = tmp_path / "flower"
     grid = LoopbackGrid(
         {30: 2, 10: 1, 20: 0}, {EXPERIMENT_KEY: str(config), RUN_DIR_KEY: str(run)}, set()

@@ -71,17 +71,25 @@ class PendingRound:
 class EmbeddedFederation:
     """Runs ``cfg`` round by round into ``run``; resumable from the run's checkpoints."""
 
-    def __init__(self, cfg: ExperimentConfig, run: RunDirectory) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, run: RunDirectory, *, load_clients: bool = True
+    ) -> None:
+        """``load_clients = False``: the server half only (a Flower ServerApp), which never opens
+        a client's data or imports its reward code; clients train and evaluate where they are."""
         self.cfg = cfg
         self.run = run
-        self.reward_funcs = {c.id: client_reward_funcs(c, i) for i, c in enumerate(cfg.clients)}
-        self.data: dict[str, ClientData] = {
-            c.id: load_client_data(c, f"clients[{i}].data") for i, c in enumerate(cfg.clients)
-        }
+        self.reward_funcs: dict[str, list[tuple[str, Any]]] = {}
+        self.data: dict[str, ClientData] = {}
+        if load_clients:
+            for i, c in enumerate(cfg.clients):
+                self.reward_funcs[c.id] = client_reward_funcs(c, i)
+                self.data[c.id] = load_client_data(c, f"clients[{i}].data")
         self.clients = {c.id: c for c in cfg.clients}
         self.policy, self.tokenizer, initial = build_policy(cfg)
         learners = None
         if cfg.server.method == "centralized":
+            if not load_clients:
+                raise FedMOAError("the centralized baseline runs on the embedded engine only")
             pooled, union, funcs = pooled_client(cfg, self.data, self.reward_funcs)
             self.clients[CENTRAL_ID], self.data[CENTRAL_ID] = pooled, union
             self.reward_funcs[CENTRAL_ID] = funcs

@@ -543,7 +543,7 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
     cfg = load_experiment(settings.experiment)
     run = RunDirectory(settings.run_dir)
     run.save_config(settings.experiment, dataclasses.asdict(cfg))
-    federation = EmbeddedFederation(cfg, run)
+    federation = EmbeddedFederation(cfg, run, load_clients=False)  # no client data here
     # server.round_timeout, when the experiment sets it, else the run config's reply-timeout:
     # replies that have not come by then (hung, slow or disconnected nodes) are dropped.
     timeout = cfg.server.round_timeout or settings.reply_timeout
