@@ -36,8 +36,9 @@ from fedmoa.federation.flower_app import (
     serve,
     state_to_records,
 )
+from fedmoa.federation.node import MODEL_BUILD_LOG
 from fedmoa.runs import RunDirectory
-from test_embedded import run_embedded, write_experiment
+from test_embedded import USER_REWARD, run_embedded, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "examples" / "flower_app"
@@ -502,6 +503,183 @@ def test_deployment_superlink_supernodes_flwr_run(tmp_path):
         run_embedded(config, tmp_path / "embedded")
     expected, got = adapters(tmp_path / "embedded")["global"], adapters(run)["global"]
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+NODE_CLIENTS = {
+    "math-a": """
+id = "math-a"
+task = "math"
+local_steps = 2
+grpo = { batch_size = 2, group_size = 4, max_new_tokens = 6, lr = 0.05 }
+data = { source = "reasoning_gym", name = "basic_arithmetic", size = 24, params = { min_terms = 2, max_terms = 2, min_digits = 1, max_digits = 1 } }
+rewards = [
+  { name = "accuracy", function = "math_accuracy", role = "primary", params = { require_final_answer = false } },
+  { name = "brevity", function = "length", weight = 0.5, params = { target = 3 } },
+]
+""",
+    "math-b": """
+id = "math-b"
+task = "math"
+local_steps = 2
+grpo = { batch_size = 2, group_size = 4, max_new_tokens = 6, lr = 0.05 }
+data = { source = "reasoning_gym", name = "basic_arithmetic", size = 24, seed = 1, params = { min_terms = 2, max_terms = 2, min_digits = 1, max_digits = 1 } }
+rewards = [
+  { name = "accuracy", function = "math_accuracy", role = "primary", params = { require_final_answer = false } },
+  { name = "boxed", function = "format", weight = 0.1 },
+]
+""",
+    "chain": """
+id = "chain"
+task = "chain"
+local_steps = 2
+grpo = { batch_size = 2, group_size = 4, max_new_tokens = 6, lr = 0.05 }
+data = { source = "reasoning_gym", name = "chain_sum", size = 24, seed = 2 }
+rewards = [{ name = "digits", function = "my_rewards.py:digit_share", role = "primary" }]
+""",
+}
+
+SERVER_SETTINGS = """
+seed = 5
+
+[model]
+name = "tiny-random-qwen2"
+dtype = "fp32"
+device = "cpu"
+
+[server]
+method = "fedmoa"
+rounds = 2
+validation_prompts = 2
+test_prompts = 2
+"""
+
+
+def write_node_folders(root: Path) -> tuple[Path, Path]:
+    """One folder per data owner with its client file (chain's reward file beside it), the
+    server's experiment without clients, and the one-file experiment naming the same files."""
+    for client_id, table in NODE_CLIENTS.items():
+        folder = root / f"node-{client_id}"
+        folder.mkdir()
+        (folder / "client.toml").write_text(table)
+    (root / "node-chain" / "my_rewards.py").write_text(USER_REWARD)
+    server = root / "server"
+    server.mkdir()
+    (server / "experiment.toml").write_text(
+        SERVER_SETTINGS.replace("[server]", '[server]\nnum_clients = 3\ntasks = ["math", "chain"]')
+    )
+    onefile = root / "onefile"
+    onefile.mkdir()
+    clients = ", ".join(f'"../node-{c}/client.toml"' for c in sorted(NODE_CLIENTS))
+    (onefile / "experiment.toml").write_text(f"clients = [{clients}]\n{SERVER_SETTINGS}")
+    return server / "experiment.toml", onefile / "experiment.toml"
+
+
+def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path):
+    """3 SuperNodes (``--isolation process``), each in its own folder with its own client file,
+    each served by one long-lived ``fedmoa clientapp``; the server's experiment lists no
+    clients. Same global adapter as the embedded run of the one-file experiment, one model
+    build per node for the whole run."""
+    server_experiment, onefile = write_node_folders(tmp_path)
+    assert "[[clients]]" not in server_experiment.read_text() and "toml" not in server_experiment.read_text()
+    run = tmp_path / "run"
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n'
+        f'[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        **FLOWER_ENV,
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name: str, cwd: Path, *args: str) -> subprocess.Popen:
+        out = (logs / f"{name}.log").open("w")
+        return subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    processes: list[subprocess.Popen] = []
+    try:
+        processes.append(
+            start("superlink", tmp_path, "flower-superlink", "--insecure", "--port", str(link))
+        )
+        wait_for_port(link, processes[0])
+        for client_id in NODE_CLIENTS:
+            folder, port = tmp_path / f"node-{client_id}", free_port()
+            processes.append(
+                start(
+                    f"supernode-{client_id}",
+                    folder,
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--port",
+                    str(port),
+                    "--isolation",
+                    "process",
+                    "--node-config",
+                    "client-config='client.toml'",  # relative to the node's folder
+                )
+            )
+            wait_for_port(port, processes[-1])
+            processes.append(
+                start(
+                    f"clientapp-{client_id}",
+                    folder,
+                    "fedmoa",
+                    "clientapp",
+                    "--runtime-api-address",
+                    f"127.0.0.1:{port}",
+                )
+            )
+        done = subprocess.run(
+            [
+                str(BIN / "flwr"),
+                "run",
+                str(APP_DIR),
+                "deploy",
+                "--run-config",
+                f"experiment='{server_experiment}' run-dir='{run}'",
+                "--stream",
+            ],
+            env=env,
+            cwd=tmp_path / "server",
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        log = done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0, log
+        records = RunDirectory(run).read_metrics()
+        clients = [r for r in records if r["type"] == "client"]
+        assert sorted({r["client"] for r in clients}) == ["chain", "math-a", "math-b"], log
+        assert not any("failed" in r for r in clients)
+        assert [r["round"] for r in records if r["type"] == "eval"] == [0, 1, 2]
+    finally:
+        stopped = stop(processes)
+    assert alive(stopped) == [], "every Flower process is gone"
+    for client_id in NODE_CLIENTS:
+        node_log = (logs / f"clientapp-{client_id}.log").read_text()
+        assert node_log.count(MODEL_BUILD_LOG) == 1, node_log[-2000:]
+    with torch_threads(1):
+        run_embedded(onefile, tmp_path / "embedded")
+    expected, got = adapters(tmp_path / "embedded")["global"], adapters(run)["global"]
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    embedded = RunDirectory(tmp_path / "embedded").read_metrics()
+    assert without_timings(records) == without_timings(embedded)
 
 
 # -- the command line -------------------------------------------------------------------------

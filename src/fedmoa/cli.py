@@ -314,6 +314,28 @@ def run_flower(config: Path, output: Path, cfg, resume: Path | None) -> None:
     print_final(cfg, summary, output)
 
 
+@app.command("clientapp")
+def clientapp(
+    runtime_api_address: Annotated[
+        str,
+        typer.Option(help="the SuperNode's Runtime API (its --port), e.g. 127.0.0.1:9094"),
+    ] = "127.0.0.1:9094",
+) -> None:
+    """Run a SuperNode's ClientApp in this one process, so the model stays loaded across
+    messages; for a SuperNode started with --isolation process (docs/flower.md)."""
+    import logging
+
+    from fedmoa.federation.flower_app import FLOWER_ENV
+    from fedmoa.federation.resident import serve_clientapp
+
+    for name, value in FLOWER_ENV.items():
+        os.environ.setdefault(name, value)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
+    console.print(f"fedmoa clientapp: serving the SuperNode at {runtime_api_address}")
+    serve_clientapp(runtime_api_address)
+
+
 @app.command("report")
 def report(
     run_dirs: Annotated[

@@ -306,5 +306,7 @@ def objective_metrics(history: list[dict[str, float]], names: Sequence[str]) -> 
     return {k: last[k] for k in keys if k in last}
 
 
-def client_reward_funcs(client: ClientConfig, index: int) -> list[tuple[str, RewardFunc]]:
-    return build_reward_funcs(client.rewards, field=f"clients[{index}].rewards")
+def client_reward_funcs(client: ClientConfig, where: int | str) -> list[tuple[str, RewardFunc]]:
+    """``where``: the client's index in the experiment, or the client file it came from."""
+    field = f"clients[{where}].rewards" if isinstance(where, int) else f"{where}: rewards"
+    return build_reward_funcs(client.rewards, field=field)

@@ -100,6 +100,11 @@ class ServerConfig:
     method: Method = "fedmoa"
     rounds: int = Field(3, gt=0)  # server rounds
     clients_per_round: int | None = Field(None, gt=0)  # clients sampled a round; none: all
+    # Clients a deployment waits for when the experiment lists none: each SuperNode brings its
+    # own client file (--node-config client-config=...) and tells the server its id and task.
+    num_clients: int | None = Field(None, gt=0)
+    # Tasks a deployment accepts; a node whose client file names another is left out. None: any.
+    tasks: list[str] | None = None
     min_clients: int = Field(1, gt=0)  # fewer usable updates in a round: the run stops
     # Seconds a client's round may take; a client past it is left out of the round (see
     # docs/design.md, "Faults"). None: no limit.
@@ -143,8 +148,9 @@ class ServerConfig:
 @dataclass(config=STRICT)
 class ExperimentConfig:
     # the clients: [[clients]] tables, or paths of client files holding one each (relative to
-    # this file); [client_defaults] is merged under each
-    clients: list[ClientConfig]
+    # this file); [client_defaults] is merged under each. Empty in a deployment whose SuperNodes
+    # bring their own client files (then server.num_clients says how many).
+    clients: list[ClientConfig] = Field(default_factory=list)
     seed: int = 0  # seeds LoRA init, data splits, client sampling and every client's sampler
     # run directory (metrics.jsonl, checkpoints, adapters); --output overrides it
     output_dir: str = "runs/experiment"
@@ -162,8 +168,6 @@ class ExperimentConfig:
     @field_validator("clients")
     @classmethod
     def _clients_valid(cls, clients: list[ClientConfig]) -> list[ClientConfig]:
-        if not clients:
-            raise ValueError("at least one [[clients]] entry is required")
         ids = [c.id for c in clients]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
@@ -172,12 +176,26 @@ class ExperimentConfig:
 
     @model_validator(mode="after")
     def _server_fits_clients(self) -> ExperimentConfig:
-        per_round = self.server.clients_per_round
-        if per_round is not None and per_round > len(self.clients):
+        expected = self.server.num_clients
+        if not self.clients and expected is None:
             raise ValueError(
-                f"server.clients_per_round = {per_round} exceeds the {len(self.clients)} clients"
+                "clients: at least one [[clients]] entry is required, or server.num_clients for "
+                "a deployment whose SuperNodes bring their own client files"
             )
-        if self.server.min_clients > (per_round or len(self.clients)):
+        if self.clients and expected is not None and expected != len(self.clients):
+            raise ValueError(
+                f"server.num_clients = {expected} but the experiment lists {len(self.clients)} "
+                "clients"
+            )
+        count = len(self.clients) or expected or 0
+        per_round = self.server.clients_per_round
+        if per_round is not None and per_round > count:
+            raise ValueError(f"server.clients_per_round = {per_round} exceeds the {count} clients")
+        tasks = self.server.tasks
+        for i, client in enumerate(self.clients if tasks is not None else []):
+            if client.task not in tasks:
+                raise ValueError(f"clients[{i}].task = {client.task!r} is not in server.tasks")
+        if self.server.min_clients > (per_round or count):
             raise ValueError("server.min_clients exceeds the clients sampled per round")
         weighting, method = self.weighting.method, self.server.method
         if method in HYPERGRADIENT_METHODS and weighting not in ("auto", "hypergradient"):
@@ -258,6 +276,29 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         return field_path(loc)
 
     return parse_config(data, ExperimentConfig, str(path), strict=True, locate=locate)
+
+
+def load_client_file(path: str | Path) -> ClientConfig:
+    """A data owner's client file on its own (a SuperNode's ``client-config``), its paths
+    relative to it; errors name the file and the field."""
+    file = Path(path).expanduser()
+    table = anchor_paths(read_toml(file), config_dir(file))
+    return parse_config(table, ClientConfig, str(file), strict=True)
+
+
+def check_client_fits(cfg: ExperimentConfig, client: ClientConfig, where: str) -> None:
+    """What ``ExperimentConfig`` checks for a listed client, for one that came from its own
+    file: its task is accepted and the weight floor fits its objectives."""
+    tasks = cfg.server.tasks
+    if tasks is not None and client.task not in tasks:
+        raise ConfigError(
+            f"{where}: task = {client.task!r} is not in the server's tasks ({', '.join(tasks)})"
+        )
+    if resolve_method(cfg.weighting.method, cfg.server.method) != "static":
+        try:
+            check_weight_floor(cfg.weighting.w_min, len(client.rewards), where)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def read_client_file(entry: str, experiment: str | Path, index: int) -> tuple[Path, dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from fedmoa.aggregation import Adapter, AggregationResult, ClientUpdate
 from fedmoa.aggregation.updates import apply_delta
-from fedmoa.errors import FedMOAError
+from fedmoa.errors import ConfigError, FedMOAError
 from fedmoa.federation.centralized import CENTRAL_ID, pooled_client
 from fedmoa.federation.checkpoint import latest_checkpoint, save_checkpoint
 from fedmoa.federation.client import (
@@ -76,6 +76,11 @@ class EmbeddedFederation:
     ) -> None:
         """``load_clients = False``: the server half only (a Flower ServerApp), which never opens
         a client's data or imports its reward code; clients train and evaluate where they are."""
+        if load_clients and not cfg.clients:
+            raise ConfigError(
+                "clients: the embedded engine runs the clients the experiment lists, and it lists "
+                "none (server.num_clients is for a deployment's own client files)"
+            )
         self.cfg = cfg
         self.run = run
         self.reward_funcs: dict[str, list[tuple[str, Any]]] = {}
@@ -85,7 +90,9 @@ class EmbeddedFederation:
                 self.reward_funcs[c.id] = client_reward_funcs(c, i)
                 self.data[c.id] = load_client_data(c, f"clients[{i}].data")
         self.clients = {c.id: c for c in cfg.clients}
+        self.client_tasks = {c.id: c.task for c in cfg.clients}
         self.policy, self.tokenizer, initial = build_policy(cfg)
+        self.initial = initial
         learners = None
         if cfg.server.method == "centralized":
             if not load_clients:
@@ -96,6 +103,12 @@ class EmbeddedFederation:
             learners = {CENTRAL_ID: pooled.task}
         self.server = FederatedServer(cfg, initial, learners)
         self.client_states: dict[str, dict[str, Any]] = {}
+
+    def admit_clients(self, client_tasks: Mapping[str, str]) -> None:
+        """The clients that joined a deployment (client id -> task), which its experiment may not
+        list: the server learns them from the nodes (``fedmoa.federation.roster``)."""
+        self.client_tasks = dict(client_tasks)
+        self.server = FederatedServer(self.cfg, self.initial, self.client_tasks)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -295,7 +308,7 @@ class EmbeddedFederation:
         """What ``client_id`` scores: the global adapter, its personalized adapter (its task
         adapter; its own for ``local``; the global one before any exists) and its local model."""
         state = self.server.state
-        task = self.clients[client_id].task
+        task = self.client_tasks[client_id]
         personal = state.client_adapters.get(client_id) or state.task_adapters.get(task)
         adapters = {"global": state.global_adapter, "personal": personal or state.global_adapter}
         local = (local_models or {}).get(client_id)

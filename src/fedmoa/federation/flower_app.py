@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,27 +51,29 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedmoa.aggregation import Adapter, ClientUpdate
-from fedmoa.errors import FedMOAError
-from fedmoa.federation.client import (
-    TRANSPORT_DTYPES,
-    ClientData,
-    client_reward_funcs,
-    load_client_data,
-    objective_metrics,
-    run_client_round,
-)
-from fedmoa.federation.config import ClientConfig, ExperimentConfig, load_experiment
+from fedmoa.errors import ConfigError, FedMOAError
+from fedmoa.federation.client import TRANSPORT_DTYPES, objective_metrics, run_client_round
+from fedmoa.federation.config import ExperimentConfig, load_experiment
 from fedmoa.federation.embedded import (
     EmbeddedFederation,
     PendingRound,
-    build_policy,
     client_record,
     failed_client_record,
 )
 from fedmoa.federation.evaluation import EVAL_KINDS, aggregate_evaluation, evaluate_client
+from fedmoa.federation.node import (
+    NodeClient,
+    client_from_experiment,
+    client_from_file,
+    client_inputs,
+    identity,
+    node_policy,
+    settings_from_json,
+    shared_settings,
+)
+from fedmoa.federation.roster import RosterEntry, admit, expected_clients, in_order
 from fedmoa.federation.server import RoundPlan
 from fedmoa.models import resolve_device
-from fedmoa.rewards import RewardFunc
 from fedmoa.runs import RunDirectory
 
 logger = logging.getLogger(__name__)
@@ -85,11 +86,15 @@ NODE_TIMEOUT_KEY = "node-timeout"  # seconds the server waits for enough SuperNo
 
 # Record names in messages.
 ADAPTER = "adapter"  # ArrayRecord: start adapter (down) or Δθ (up)
-ROUND_CONFIG = "config"  # ConfigRecord: server-round, client-index, client-id
+ROUND_CONFIG = "config"  # ConfigRecord: server-round, client-id
 METRICS = "metrics"  # MetricRecord: METRIC_KEYS
 DETAILS = "details"  # ConfigRecord: client-id, task, seconds, per-objective metrics
-IDENTITY = "identity"  # ConfigRecord: partition-id (reply to the discovery query)
-PARTITION_ID = "partition-id"
+IDENTITY = "identity"  # ConfigRecord: the node's client (reply to the discovery query)
+SETTINGS = "settings"  # ConfigRecord: the experiment without its clients, as JSON (down)
+
+# Node config keys (``flower-supernode --node-config``).
+CLIENT_CONFIG_KEY = "client-config"  # path of the node's own client file
+PARTITION_ID = "partition-id"  # or: client i of the experiment file (the one-file form)
 
 METRIC_KEYS = (
     "num-examples",
@@ -278,17 +283,17 @@ class FedMOAStrategy(Strategy):
     def __init__(
         self,
         federation: EmbeddedFederation,
+        roster: Mapping[str, RosterEntry],
         *,
-        node_timeout: float = 300.0,
         reply_timeout: float | None = None,
         on_round: RoundCallback | None = None,
     ) -> None:
         self.federation = federation
-        self.node_timeout = node_timeout
+        self.roster = dict(roster)  # the clients that joined (discover_clients)
         self.reply_timeout = reply_timeout  # only for the log: Strategy.start applies it
         self.on_round = on_round
-        self.index = {c.id: i for i, c in enumerate(federation.cfg.clients)}
-        self.nodes: dict[str, int] = {}  # client id -> node id
+        self.nodes = {cid: entry.node_id for cid, entry in roster.items()}
+        self.settings = shared_settings(federation.cfg)  # sent with every message
         self.plan: RoundPlan | None = None
         self.pending: PendingRound | None = None  # aggregated, waiting for its evaluation
         self.evaluate_sent = 0.0  # perf_counter when the evaluate messages went out
@@ -299,7 +304,7 @@ class FedMOAStrategy(Strategy):
         logging.getLogger("flwr").info(
             "FedMOA strategy: method %s, %d clients, %d rounds, run directory %s",
             cfg.server.method,
-            len(cfg.clients),
+            len(self.roster),
             cfg.server.rounds,
             self.federation.run.path,
         )
@@ -309,8 +314,6 @@ class FedMOAStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per client the server samples, to the node of its partition."""
         del arrays, config  # the FederatedServer's state is the source of truth
-        if not self.nodes:
-            self.nodes = self._discover_nodes(grid)
         self.plan = self.federation.server.configure_round(server_round)
         transport = self.federation.cfg.server.transport_dtype
         messages = []
@@ -319,12 +322,9 @@ class FedMOAStrategy(Strategy):
                 {
                     ADAPTER: adapter_to_record(start, transport),
                     ROUND_CONFIG: ConfigRecord(
-                        {
-                            "server-round": server_round,
-                            "client-index": self.index[client_id],
-                            "client-id": client_id,
-                        }
+                        {"server-round": server_round, "client-id": client_id}
                     ),
+                    SETTINGS: ConfigRecord({"experiment": self.settings}),
                 }
             )
             messages.append(
@@ -410,8 +410,6 @@ class FedMOAStrategy(Strategy):
         """Round 0 (``server.eval_round0``): every client scores the starting adapter."""
         if not self.federation.round0_due():
             return
-        if not self.nodes:
-            self.nodes = self._discover_nodes(grid)
         replies = grid.send_and_receive(self.evaluate_messages(0, {}), timeout=self.reply_timeout)
         self.federation.log_round0(self.combine_scores(0, replies))
 
@@ -419,24 +417,21 @@ class FedMOAStrategy(Strategy):
         self, server_round: int, local_models: Mapping[str, Adapter]
     ) -> list[Message]:
         messages = []
-        for client in self.federation.cfg.clients:
-            adapters = self.federation.eval_adapters(client.id, local_models)
+        for client_id, entry in self.roster.items():
+            adapters = self.federation.eval_adapters(client_id, local_models)
             content = RecordDict(
                 {
                     **{f"{ADAPTER}/{kind}": adapter_to_record(a) for kind, a in adapters.items()},
                     ROUND_CONFIG: ConfigRecord(
-                        {
-                            "server-round": server_round,
-                            "client-index": self.index[client.id],
-                            "client-id": client.id,
-                        }
+                        {"server-round": server_round, "client-id": client_id}
                     ),
+                    SETTINGS: ConfigRecord({"experiment": self.settings}),
                 }
             )
             messages.append(
                 Message(
                     content=content,
-                    dst_node_id=self.nodes[client.id],
+                    dst_node_id=entry.node_id,
                     message_type=MessageType.EVALUATE,
                     group_id=str(server_round),
                 )
@@ -461,46 +456,72 @@ class FedMOAStrategy(Strategy):
                 )
                 continue
             scores[client_id] = {k: float(v) for k, v in reply.content[METRICS].items()}
-        tasks = {c.id: c.task for c in self.federation.cfg.clients}
+        tasks = {cid: entry.task for cid, entry in self.roster.items()}
         return aggregate_evaluation(scores, tasks)
 
-    def _discover_nodes(self, grid: Grid) -> dict[str, int]:
-        """client id → node id, from the ``partition-id`` each node reports about itself."""
-        clients = self.federation.cfg.clients
-        deadline = time.monotonic() + self.node_timeout
-        while len(node_ids := sorted(grid.get_node_ids())) < len(clients):
-            if time.monotonic() > deadline:
-                raise FedMOAError(
-                    f"{len(node_ids)} SuperNode(s) connected after {self.node_timeout:.0f}s, "
-                    f"the experiment has {len(clients)} clients"
+
+def discover_clients(
+    grid: Grid, cfg: ExperimentConfig, node_timeout: float
+) -> dict[str, RosterEntry]:
+    """Ask every node that connects which client it runs, until all of the experiment's clients
+    joined, or ``node_timeout`` passed and ``server.min_clients`` of them did.
+
+    A node is asked once, with a ``query`` message that carries the shared settings; refused
+    nodes (``roster.admit``) are logged with the reason and left out.
+    """
+    expected = expected_clients(cfg)
+    settings = shared_settings(cfg)
+    roster: dict[str, RosterEntry] = {}
+    refused: list[str] = []
+    asked: set[int] = set()
+    deadline = time.monotonic() + node_timeout
+    while len(roster) < expected:
+        new = sorted(set(grid.get_node_ids()) - asked)
+        if new:
+            asked.update(new)
+            messages = [
+                Message(
+                    content=RecordDict({SETTINGS: ConfigRecord({"experiment": settings})}),
+                    dst_node_id=node,
+                    message_type=MessageType.QUERY,
                 )
-            time.sleep(0.5)
-        queries = [
-            Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
-            for node in node_ids
-        ]
-        partitions: dict[int, int] = {}
-        for reply in grid.send_and_receive(queries, timeout=self.node_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                logger.warning("node %d did not say its partition-id: %s", node, reply.error.reason)
-                continue
-            partition = int(reply.content[IDENTITY][PARTITION_ID])
-            if partition in partitions:
-                raise FedMOAError(
-                    f"nodes {partitions[partition]} and {node} both have partition-id {partition}"
+                for node in new
+            ]
+            replies = {
+                r.metadata.src_node_id: r
+                for r in grid.send_and_receive(messages, timeout=node_timeout)
+            }
+            for node in new:
+                reply = replies.get(node)
+                try:
+                    if reply is None:
+                        raise FedMOAError(f"node {node}: no reply to the query ({node_timeout:g}s)")
+                    if reply.has_error():
+                        reason = " ".join(reply.error.reason.split())
+                        raise FedMOAError(f"node {node}: error reply: {reason}")
+                    entry = admit(node, dict(reply.content[IDENTITY]), cfg, roster)
+                except FedMOAError as err:
+                    logger.warning("refused %s", err)
+                    refused.append(str(err))
+                    continue
+                roster[entry.client_id] = entry
+            continue
+        if time.monotonic() > deadline:
+            if len(roster) >= cfg.server.min_clients:
+                logger.warning(
+                    "%d of %d clients joined within %.0fs; going on without the others",
+                    len(roster),
+                    expected,
+                    node_timeout,
                 )
-            partitions[partition] = node
-        missing = [f"{i} ({c.id})" for i, c in enumerate(clients) if i not in partitions]
-        if missing:
+                break
             raise FedMOAError(
-                f"no SuperNode with partition-id {', '.join(missing)}; start each with "
-                f"--node-config 'partition-id=I num-partitions={len(clients)}'"
+                f"{len(roster)} of {expected} clients joined within {node_timeout:.0f}s, fewer "
+                f"than server.min_clients = {cfg.server.min_clients}"
+                + (f"; refused: {'; '.join(refused)}" if refused else "")
             )
-        extra = sorted(set(partitions) - set(range(len(clients))))
-        if extra:
-            logger.warning("ignoring nodes with partition-id %s: no such client", extra)
-        return {c.id: partitions[i] for i, c in enumerate(clients)}
+        time.sleep(0.5)
+    return in_order(roster, cfg)
 
 
 def _reply_to_update(
@@ -544,12 +565,12 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
     run = RunDirectory(settings.run_dir)
     run.save_config(settings.experiment, dataclasses.asdict(cfg))
     federation = EmbeddedFederation(cfg, run, load_clients=False)  # no client data here
+    roster = discover_clients(grid, cfg, settings.node_timeout)
+    federation.admit_clients({cid: entry.task for cid, entry in roster.items()})
     # server.round_timeout, when the experiment sets it, else the run config's reply-timeout:
     # replies that have not come by then (hung, slow or disconnected nodes) are dropped.
     timeout = cfg.server.round_timeout or settings.reply_timeout
-    strategy = FedMOAStrategy(
-        federation, node_timeout=settings.node_timeout, reply_timeout=timeout, on_round=on_round
-    )
+    strategy = FedMOAStrategy(federation, roster, reply_timeout=timeout, on_round=on_round)
     strategy.evaluate_round0(grid)
     strategy.start(
         grid,
@@ -563,46 +584,45 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
 # -- ClientApp ---------------------------------------------------------------------------
 
 
-@dataclass
-class ClientRuntime:
-    """What a client process builds once per experiment: the policy, and data and rewards
-    of the clients it has served (Flower calls the ClientApp once per message)."""
-
-    cfg: ExperimentConfig
-    policy: Any
-    tokenizer: Any
-    initial: Adapter  # the LoRA as built: names and dtypes that incoming adapters take
-    data: dict[str, ClientData] = field(default_factory=dict)
-    reward_funcs: dict[str, list[tuple[str, RewardFunc]]] = field(default_factory=dict)
-
-    def client_inputs(self, index: int) -> tuple[ClientData, list[tuple[str, RewardFunc]]]:
-        client = self.cfg.clients[index]
-        if client.id not in self.data:
-            self.data[client.id] = load_client_data(client)
-            self.reward_funcs[client.id] = client_reward_funcs(client, index)
-        return self.data[client.id], self.reward_funcs[client.id]
-
-
-_RUNTIMES: dict[tuple[str, str], ClientRuntime] = {}
+def node_client(message: Message, context: Context) -> NodeClient:
+    """This node's client: from its own client file (``client-config`` in its node config,
+    under the settings the server sent), else client ``partition-id`` of the experiment file."""
+    client_file = str(context.node_config.get(CLIENT_CONFIG_KEY) or "")
+    if client_file:
+        if SETTINGS not in message.content:
+            raise FedMOAError("the message carries no settings: is the ServerApp fedmoa's?")
+        cfg = settings_from_json(str(message.content[SETTINGS]["experiment"]))
+        return client_from_file(client_file, cfg)
+    if PARTITION_ID not in context.node_config:
+        raise FedMOAError(
+            f"node {context.node_id} has no client: start its SuperNode with --node-config "
+            f"\"{CLIENT_CONFIG_KEY}='/path/client.toml'\" (or {PARTITION_ID}=I, client I of "
+            "the experiment file)"
+        )
+    settings = RunSettings.from_run_config(context.run_config)
+    return client_from_experiment(settings.experiment, context.node_config[PARTITION_ID])
 
 
-def client_runtime(experiment: Path) -> ClientRuntime:
-    """The cached runtime for ``experiment`` (keyed by path and content); the base model and
-    LoRA come from ``build_policy``, as on the embedded engine."""
-    key = (str(experiment), hashlib.sha256(experiment.read_bytes()).hexdigest())
-    if key not in _RUNTIMES:
-        _RUNTIMES.clear()  # one experiment per process: free the previous model first
-        cfg = load_experiment(experiment)
-        _RUNTIMES[key] = ClientRuntime(cfg, *build_policy(cfg))
-    return _RUNTIMES[key]
+def _named_client(message: Message, context: Context) -> NodeClient:
+    """:func:`node_client`, which must be the client the server addressed."""
+    node = node_client(message, context)
+    asked = str(message.content[ROUND_CONFIG]["client-id"])
+    if node.client.id != asked:
+        raise FedMOAError(
+            f"node {context.node_id} runs client {node.client.id!r} ({node.where}), the server "
+            f"asked for {asked!r}"
+        )
+    return node
 
 
 def identify(message: Message, context: Context) -> Message:
-    """Reply to the server's discovery query with this node's partition-id."""
-    partition = int(context.node_config[PARTITION_ID])
-    return Message(
-        RecordDict({IDENTITY: ConfigRecord({PARTITION_ID: partition})}), reply_to=message
-    )
+    """Reply to the server's query with this node's client (``roster.admit`` checks it); a node
+    that cannot load its client says why, in one line."""
+    try:
+        record = identity(node_client(message, context))
+    except FedMOAError as err:
+        record = {"error": " ".join(str(err).split())}
+    return Message(RecordDict({IDENTITY: ConfigRecord(record)}), reply_to=message)
 
 
 def train(message: Message, context: Context) -> Message:
@@ -614,23 +634,20 @@ def train(message: Message, context: Context) -> Message:
     """
     began = time.perf_counter()
     started = time.monotonic()
-    settings = RunSettings.from_run_config(context.run_config)
-    runtime = client_runtime(settings.experiment)
-    cfg = runtime.cfg
-    round_config = message.content[ROUND_CONFIG]
-    index, client_id = int(round_config["client-index"]), str(round_config["client-id"])
-    client = _check_client(runtime, settings, index, client_id)
-    data, reward_funcs = runtime.client_inputs(index)
+    node = _named_client(message, context)
+    cfg, client = node.cfg, node.client
+    model = node_policy(cfg)
+    data, reward_funcs = client_inputs(node)
     prefix = f"fedmoa/{client.id}"
     result = run_client_round(
-        runtime.policy,
-        runtime.tokenizer,
+        model.policy,
+        model.tokenizer,
         client,
         data,
         reward_funcs,
         record_to_adapter(
             message.content[ADAPTER],
-            like=runtime.initial,
+            like=model.initial,
             transport_dtype=cfg.server.transport_dtype,
         ),
         records_to_state(context.state, prefix),
@@ -638,7 +655,7 @@ def train(message: Message, context: Context) -> Message:
         server=cfg.server,
         weighting_config=cfg.weighting,
         seed=cfg.seed,
-        server_round=int(round_config["server-round"]),
+        server_round=int(message.content[ROUND_CONFIG]["server-round"]),
         started=started,
     )
     for name, record in state_to_records(result.state, prefix).items():
@@ -672,42 +689,26 @@ def train(message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-# -- the apps ------------------------------------------------------------------------------
-
-
 def evaluate(message: Message, context: Context) -> Message:
     """Score the adapters the server sent on this client's own test rows; reply metrics only.
 
     The same ``evaluate_client`` call the embedded engine makes for each client.
     """
-    settings = RunSettings.from_run_config(context.run_config)
-    runtime = client_runtime(settings.experiment)
-    round_config = message.content[ROUND_CONFIG]
-    index, client_id = int(round_config["client-index"]), str(round_config["client-id"])
-    client = _check_client(runtime, settings, index, client_id)
-    data, reward_funcs = runtime.client_inputs(index)
+    node = _named_client(message, context)
+    model = node_policy(node.cfg)
+    data, reward_funcs = client_inputs(node)
     adapters = {
-        kind: record_to_adapter(message.content[f"{ADAPTER}/{kind}"], like=runtime.initial)
+        kind: record_to_adapter(message.content[f"{ADAPTER}/{kind}"], like=model.initial)
         for kind in EVAL_KINDS
         if f"{ADAPTER}/{kind}" in message.content
     }
     metrics = evaluate_client(
-        runtime.policy, runtime.tokenizer, client, data, reward_funcs, adapters, runtime.cfg.server
+        model.policy, model.tokenizer, node.client, data, reward_funcs, adapters, node.cfg.server
     )
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
-def _check_client(
-    runtime: ClientRuntime, settings: RunSettings, index: int, client_id: str
-) -> ClientConfig:
-    """Client ``index`` of this node's experiment, which must be the one the server named."""
-    client = runtime.cfg.clients[index]
-    if client.id != client_id:
-        raise FedMOAError(
-            f"client {index} of {settings.experiment} is {client.id!r}, the server asked for "
-            f"{client_id!r}: do server and SuperNodes read the same experiment file?"
-        )
-    return client
+# -- the apps ------------------------------------------------------------------------------
 
 
 def _with_run_config(
@@ -814,6 +815,11 @@ def run_simulation(
 
     experiment, run_dir = Path(experiment).resolve(), Path(run_dir).resolve()
     cfg = load_experiment(experiment)
+    if not cfg.clients:
+        raise ConfigError(
+            f"{experiment}: clients: the simulation runs the clients the experiment lists, and "
+            "it lists none (server.num_clients is for a deployment's own client files)"
+        )
     run_config = {EXPERIMENT_KEY: str(experiment), RUN_DIR_KEY: str(run_dir)}
     summaries: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
