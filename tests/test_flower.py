@@ -178,13 +178,23 @@ class LoopbackGrid:
     ``failing`` nodes answer every train message with an error reply.
     """
 
-    def __init__(self, partitions: dict[int, int], run_config: dict[str, Any], failing: set[int]):
+    def __init__(
+        self,
+        partitions: dict[int, int | dict[str, Any]],
+        run_config: dict[str, Any],
+        failing: set[int],
+    ):
+        """``partitions``: node id -> its partition id, or its whole node config."""
         self.failing = failing
         self.contexts = {
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": pid, "num-partitions": len(partitions)},
+                node_config=(
+                    pid
+                    if isinstance(pid, dict)
+                    else {"partition-id": pid, "num-partitions": len(partitions)}
+                ),
                 state=RecordDict(),
                 run_config=run_config,
             )
@@ -580,7 +590,10 @@ def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path):
     clients. Same global adapter as the embedded run of the one-file experiment, one model
     build per node for the whole run."""
     server_experiment, onefile = write_node_folders(tmp_path)
-    assert "[[clients]]" not in server_experiment.read_text() and "toml" not in server_experiment.read_text()
+    assert (
+        "[[clients]]" not in server_experiment.read_text()
+        and "toml" not in server_experiment.read_text()
+    )
     run = tmp_path / "run"
     home = tmp_path / "flwr-home"
     home.mkdir()

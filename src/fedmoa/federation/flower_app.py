@@ -595,7 +595,7 @@ def node_client(message: Message, context: Context) -> NodeClient:
         return client_from_file(client_file, cfg)
     if PARTITION_ID not in context.node_config:
         raise FedMOAError(
-            f"node {context.node_id} has no client: start its SuperNode with --node-config "
+            "this node has no client: start its SuperNode with --node-config "
             f"\"{CLIENT_CONFIG_KEY}='/path/client.toml'\" (or {PARTITION_ID}=I, client I of "
             "the experiment file)"
         )
