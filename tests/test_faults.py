@@ -667,7 +667,7 @@ def train(message, context):
     reply = fa.train(message, context)
     if message.content[fa.ROUND_CONFIG]["client-id"] == "nan":
         adapter = reply.content[fa.ADAPTER]
-        name = sorted(adapter)[0]
+        name = fa.PACKED + "float32"  # every LoRA tensor, flattened
         tensor = torch.from_numpy(adapter[name].numpy()).clone()
         tensor.view(-1)[0] = float("nan")
         adapter[name] = Array(tensor)

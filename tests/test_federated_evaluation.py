@@ -5,8 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
+from flwr.app import Context, RecordDict
 
+from fedmoa.errors import ConfigError
+from fedmoa.federation.config import load_experiment
 from fedmoa.federation.evaluation import aggregate_evaluation, weighted_mean
+from fedmoa.federation.flower_app import EXPERIMENT_KEY, RUN_DIR_KEY, serve
+from fedmoa.runs import RunDirectory
+from test_embedded import run_embedded, write_experiment
+from test_flower import LoopbackGrid, task_identity, torch_threads
+
+__all__ = ["task_identity"]  # a fixture, used by name
 
 
 def scores(cid: str, size: int, glob: float, personal: float, hv: float = 0.5) -> dict:
@@ -54,3 +63,60 @@ def test_equal_test_sizes_give_the_plain_means() -> None:
     )
     assert record["global/accuracy"] == pytest.approx(0.4)
     assert record["personal/accuracy"] == pytest.approx(0.6)
+
+
+SERVER_SET = """
+[server.eval_data]
+task = "math"
+prompts = 3
+max_new_tokens = 4
+data = { source = "reasoning_gym", name = "basic_arithmetic", size = 8, seed = 9 }
+rewards = [{ name = "correct", function = "math_accuracy", role = "primary", params = { require_final_answer = false } }]
+"""
+
+
+def test_server_held_set_is_scored_on_the_server_on_both_engines(tmp_path, task_identity):
+    """``[server.eval_data]``: round 0 and every evaluation round also score the global and
+    the task adapter on the server's own rows; the Flower ServerApp computes the same record
+    as the embedded engine. Without the table no ``server_eval`` key appears."""
+
+    config = write_experiment(tmp_path, "fedmoa", rounds=1)
+    plain = [r for r in run_embedded(config, tmp_path / "plain")[0].run.read_metrics()]
+    assert not any(k.startswith("server_eval") for r in plain for k in r)
+    config.write_text(
+        config.read_text().replace("[client_defaults]", SERVER_SET + "\n[client_defaults]")
+    )
+    with torch_threads(1):
+        federation, _ = run_embedded(config, tmp_path / "embedded")
+    evals = [r for r in federation.run.read_metrics() if r["type"] == "eval"]
+    assert [r["round"] for r in evals] == [0, 1]
+    for record in evals:
+        assert record["server_eval/test_size"] == 3.0
+        assert 0.0 <= record["server_eval/global/accuracy"] <= 1.0
+        assert "server_eval/task/rewards/correct" in record
+    # the federated figures are the clients' own, unchanged by the server's set
+    assert {k: v for k, v in evals[0].items() if not k.startswith("server_eval")} == next(
+        r for r in plain if r["type"] == "eval" and r["round"] == 0
+    )
+    run = tmp_path / "flower"
+    run_config = {EXPERIMENT_KEY: str(config), RUN_DIR_KEY: str(run)}
+    grid = LoopbackGrid({30: 2, 10: 1, 20: 0}, run_config, set())
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    with torch_threads(1):
+        serve(grid, context)
+    assert [r for r in RunDirectory(run).read_metrics() if r["type"] == "eval"] == evals
+
+
+def test_server_set_task_must_be_a_clients_task(tmp_path):
+    config = write_experiment(tmp_path, "fedmoa", rounds=1)
+    config.write_text(
+        config.read_text().replace(
+            "[client_defaults]", SERVER_SET.replace('"math"', '"code"') + "\n[client_defaults]"
+        )
+    )
+    with pytest.raises(
+        ConfigError, match=r"server\.eval_data\.task = 'code' is no task of the clients"
+    ):
+        load_experiment(config)

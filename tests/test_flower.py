@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,6 @@ from fedmoa.cli import app
 from fedmoa.federation import flower_app
 from fedmoa.federation.flower_app import (
     EXPERIMENT_KEY,
-    FLOWER_ENV,
     METRIC_KEYS,
     RUN_DIR_KEY,
     adapter_to_record,
@@ -36,13 +34,13 @@ from fedmoa.federation.flower_app import (
     serve,
     state_to_records,
 )
+from fedmoa.federation.local_deployment import LocalDeployment, NodeSpec
 from fedmoa.federation.node import MODEL_BUILD_LOG
 from fedmoa.runs import RunDirectory
-from test_embedded import USER_REWARD, run_embedded, write_experiment
+from test_embedded import EXPERIMENT, USER_REWARD, run_embedded, write_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "examples" / "flower_app"
-BIN = Path(sys.executable).parent
 # Wall-clock fields, the only ones allowed to differ: these and every "timing/..." phase time.
 TIMINGS = {"seconds", "step_time"}
 
@@ -367,136 +365,18 @@ def test_adapter_record_keeps_bfloat16():
 # -- deployment: a real SuperLink and SuperNodes ---------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the SuperLink exited at start"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
-
-
-def stop(processes: list[subprocess.Popen]) -> list[int]:
-    """SIGTERM each process group, SIGKILL what is left, then the detached descendants.
-
-    Flower starts its SuperExec, ServerApp and ClientApp processes in sessions of
-    their own, so they are listed (by PID) before their parents go. Returns every PID.
-    """
-    children: list[psutil.Process] = []
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children += psutil.Process(process.pid).children(recursive=True)
-    for process in processes:
-        _signal_group(process, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait(timeout=10)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    psutil.wait_procs(children, timeout=10)
-    return [p.pid for p in processes] + [c.pid for c in children]
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-
-
-def alive(pids: list[int]) -> list[int]:
-    left = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                left.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return left
-
-
 def test_deployment_superlink_supernodes_flwr_run(tmp_path):
-    """``flower-superlink`` + 2 ``flower-supernode`` + ``flwr run``: one FedMOA round."""
+    """``flower-superlink`` + 2 ``flower-supernode`` (a ``flwr-clientapp`` process per message,
+    Flower's default) + ``flwr run``, the one-file form (``partition-id``): one FedMOA round."""
     text = write_experiment(tmp_path, "fedmoa", rounds=1).read_text()
     marker = '[[clients]]\nid = "chain"'
     assert marker in text
     config = tmp_path / "two_clients.toml"
     config.write_text(text[: text.index(marker)])
     run = tmp_path / "run"
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    link, nodes = free_port(), [free_port(), free_port()]
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n'
-        f'[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = {
-        **os.environ,
-        **FLOWER_ENV,
-        "FLWR_HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its own CLIs
-        # Three torch processes share this machine's cores: one thread each, or OpenMP
-        # spin-waits make a local step ~100x slower.
-        "OMP_NUM_THREADS": "1",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        out = (logs / f"{name}.log").open("w")
-        return subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            env=env,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    processes: list[subprocess.Popen] = []
-    try:
-        processes.append(start("superlink", "flower-superlink", "--insecure", "--port", str(link)))
-        wait_for_port(link, processes[0])
-        for i, port in enumerate(nodes):
-            processes.append(
-                start(
-                    f"supernode-{i}",
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link}",
-                    "--port",
-                    str(port),
-                    "--node-config",
-                    f"partition-id={i} num-partitions=2",
-                )
-            )
-        done = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(APP_DIR),
-                "deploy",  # the connection in $FLWR_HOME/config.toml
-                "--run-config",
-                f"experiment='{config}' run-dir='{run}'",
-                "--stream",
-            ],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+    nodes = [NodeSpec(str(i), tmp_path, f"partition-id={i} num-partitions=2") for i in range(2)]
+    with LocalDeployment(tmp_path, nodes, resident=False) as deployment:
+        done = deployment.run(APP_DIR, {"experiment": str(config), "run-dir": str(run)}, tmp_path)
         log = done.stdout[-3000:] + done.stderr[-3000:]
         assert done.returncode == 0, log
         assert (run / "adapters" / "global" / "adapter_model.safetensors").exists(), log
@@ -505,9 +385,7 @@ def test_deployment_superlink_supernodes_flwr_run(tmp_path):
         clients = [r for r in RunDirectory(run).read_metrics() if r["type"] == "client"]
         assert sorted(r["client"] for r in clients) == ["math-a", "math-b"]
         assert not any("failed" in r for r in clients)
-    finally:
-        stopped = stop(processes)
-    assert alive(stopped) == [], "every Flower process is gone"
+    assert deployment.leftover == [], "every Flower process is gone"
     # Fresh flwr-clientapp processes per message, still the embedded engine's adapter.
     with torch_threads(1):
         run_embedded(config, tmp_path / "embedded")
@@ -548,20 +426,12 @@ rewards = [{ name = "digits", function = "my_rewards.py:digit_share", role = "pr
 """,
 }
 
-SERVER_SETTINGS = """
-seed = 5
-
-[model]
-name = "tiny-random-qwen2"
-dtype = "fp32"
-device = "cpu"
-
-[server]
-method = "fedmoa"
-rounds = 2
-validation_prompts = 2
-test_prompts = 2
-"""
+# The settings of test_embedded's experiment, without its clients.
+SERVER_SETTINGS = (
+    EXPERIMENT[: EXPERIMENT.index("[client_defaults]")]
+    .replace("METHOD", "fedmoa")
+    .replace("ROUNDS", "2")
+)
 
 
 def write_node_folders(root: Path) -> tuple[Path, Path]:
@@ -595,85 +465,13 @@ def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path):
         and "toml" not in server_experiment.read_text()
     )
     run = tmp_path / "run"
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n'
-        f'[superlink.deploy]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = {
-        **os.environ,
-        **FLOWER_ENV,
-        "FLWR_HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OMP_NUM_THREADS": "1",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def start(name: str, cwd: Path, *args: str) -> subprocess.Popen:
-        out = (logs / f"{name}.log").open("w")
-        return subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]],
-            env=env,
-            cwd=cwd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    processes: list[subprocess.Popen] = []
-    try:
-        processes.append(
-            start("superlink", tmp_path, "flower-superlink", "--insecure", "--port", str(link))
-        )
-        wait_for_port(link, processes[0])
-        for client_id in NODE_CLIENTS:
-            folder, port = tmp_path / f"node-{client_id}", free_port()
-            processes.append(
-                start(
-                    f"supernode-{client_id}",
-                    folder,
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{link}",
-                    "--port",
-                    str(port),
-                    "--isolation",
-                    "process",
-                    "--node-config",
-                    "client-config='client.toml'",  # relative to the node's folder
-                )
-            )
-            wait_for_port(port, processes[-1])
-            processes.append(
-                start(
-                    f"clientapp-{client_id}",
-                    folder,
-                    "fedmoa",
-                    "clientapp",
-                    "--runtime-api-address",
-                    f"127.0.0.1:{port}",
-                )
-            )
-        done = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(APP_DIR),
-                "deploy",
-                "--run-config",
-                f"experiment='{server_experiment}' run-dir='{run}'",
-                "--stream",
-            ],
-            env=env,
-            cwd=tmp_path / "server",
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
+    nodes = [
+        NodeSpec(c, tmp_path / f"node-{c}", "client-config='client.toml'")  # relative to it
+        for c in NODE_CLIENTS
+    ]
+    with LocalDeployment(tmp_path, nodes, resident=True) as deployment:
+        run_config = {"experiment": str(server_experiment), "run-dir": str(run)}
+        done = deployment.run(APP_DIR, run_config, cwd=tmp_path / "server")
         log = done.stdout[-3000:] + done.stderr[-3000:]
         assert done.returncode == 0, log
         records = RunDirectory(run).read_metrics()
@@ -681,11 +479,9 @@ def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path):
         assert sorted({r["client"] for r in clients}) == ["chain", "math-a", "math-b"], log
         assert not any("failed" in r for r in clients)
         assert [r["round"] for r in records if r["type"] == "eval"] == [0, 1, 2]
-    finally:
-        stopped = stop(processes)
-    assert alive(stopped) == [], "every Flower process is gone"
+    assert deployment.leftover == [], "every Flower process is gone"
     for client_id in NODE_CLIENTS:
-        node_log = (logs / f"clientapp-{client_id}.log").read_text()
+        node_log = deployment.log(f"clientapp-{client_id}")
         assert node_log.count(MODEL_BUILD_LOG) == 1, node_log[-2000:]
     with torch_threads(1):
         run_embedded(onefile, tmp_path / "embedded")

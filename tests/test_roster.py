@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedmoa.errors import ConfigError, FedMOAError
-from fedmoa.federation.config import load_experiment
+from fedmoa.federation.config import load_client_file, load_experiment
 from fedmoa.federation.embedded import EmbeddedFederation
 from fedmoa.federation.flower_app import (
     CLIENT_CONFIG_KEY,
@@ -192,3 +192,22 @@ def test_client_count_and_tasks_are_checked(tmp_path, server_table, message):
     with pytest.raises(ConfigError) as err:
         load_experiment(onefile)
     assert message in str(err.value)
+
+
+def test_deployment_example_server_and_one_file_forms_agree():
+    """examples/deployment: the server's experiment (no clients) and the one-file experiment
+    share every setting, and each node's client file loads on its own."""
+    root = Path(__file__).resolve().parents[1] / "examples" / "deployment"
+    server, onefile = (
+        load_experiment(root / "server" / "experiment.toml"),
+        load_experiment(root / "experiment.toml"),
+    )
+    text = (root / "server" / "experiment.toml").read_text()
+    assert server.clients == [] and "[[clients]]" not in text and ".toml" not in text
+    shared = {k: v for k, v in json.loads(shared_settings(server)).items() if k != "output_dir"}
+    ours = {k: v for k, v in json.loads(shared_settings(onefile)).items() if k != "output_dir"}
+    ours["server"]["tasks"] = shared["server"]["tasks"]  # only the server's form restricts
+    assert shared == ours
+    files = sorted(root.glob("node-*/client.toml"))
+    assert [load_client_file(f).id for f in files] == [c.id for c in onefile.clients]
+    assert all(c.task in server.server.tasks for c in onefile.clients)

@@ -94,6 +94,33 @@ class ClientConfig:
         return next(r.name for r in self.rewards if r.role == "primary")
 
 
+def _default_eval_rewards() -> list[RewardConfig]:
+    return [RewardConfig(name="accuracy", function="math_accuracy", role="primary")]
+
+
+@dataclass(config=STRICT)
+class ServerEvalConfig:
+    """A held-out set the server owns, scored on the server next to the federated evaluation."""
+
+    data: DataConfig  # the server's own rows; every row is a test row
+    # its objectives, exactly one primary (default: math_accuracy as the primary)
+    rewards: list[RewardConfig] = Field(
+        default_factory=_default_eval_rewards, validate_default=True
+    )
+    task: str | None = None  # also score this task's adapter; None: the global adapter only
+    prompts: int = Field(64, gt=0)  # rows scored (the first ones)
+    max_new_tokens: int = Field(64, gt=0)  # new tokens per greedy answer
+
+    @field_validator("rewards")
+    @classmethod
+    def _rewards_valid(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
+        return check_rewards(rewards)
+
+    @property
+    def primary_reward(self) -> str:
+        return next(r.name for r in self.rewards if r.role == "primary")
+
+
 @dataclass(config=STRICT)
 class ServerConfig:
     # federated method: fedmoa, an ablation (fedmoa-hg, fedmoa-taa) or a baseline
@@ -139,6 +166,9 @@ class ServerConfig:
     eval_max_new_tokens: int | None = Field(None, gt=0)
     # Also score each client's own locally trained adapter (one more greedy pass per client).
     eval_local_models: bool = True
+    # [server.eval_data]: also score the global adapter (and one task's) on a set the server
+    # holds, on the server; off by default (evaluation runs on the clients' own test rows)
+    eval_data: ServerEvalConfig | None = None
     # How adapters travel (start adapter down, Δθ up): "float32" as they are (LoRA tensors are
     # float32), "float16"/"bfloat16" rounded to that dtype, half the bytes; the server keeps
     # and aggregates its adapters in their own dtype.
@@ -195,6 +225,10 @@ class ExperimentConfig:
         for i, client in enumerate(self.clients if tasks is not None else []):
             if client.task not in tasks:
                 raise ValueError(f"clients[{i}].task = {client.task!r} is not in server.tasks")
+        eval_task = self.server.eval_data.task if self.server.eval_data else None
+        known = tasks if tasks is not None else [c.task for c in self.clients]
+        if eval_task is not None and known and eval_task not in known:
+            raise ValueError(f"server.eval_data.task = {eval_task!r} is no task of the clients")
         if self.server.min_clients > (per_round or count):
             raise ValueError("server.min_clients exceeds the clients sampled per round")
         weighting, method = self.weighting.method, self.server.method

@@ -37,7 +37,12 @@ from fedmoa.federation.client import (
     run_client_round,
 )
 from fedmoa.federation.config import ExperimentConfig
-from fedmoa.federation.evaluation import aggregate_evaluation, evaluate_client
+from fedmoa.federation.evaluation import (
+    aggregate_evaluation,
+    evaluate_client,
+    evaluate_server_set,
+    load_server_set,
+)
 from fedmoa.federation.server import FederatedServer, RoundPlan
 from fedmoa.grpo.trainer import PhaseTimer
 from fedmoa.models import attach_lora
@@ -102,6 +107,9 @@ class EmbeddedFederation:
             self.reward_funcs[CENTRAL_ID] = funcs
             learners = {CENTRAL_ID: pooled.task}
         self.server = FederatedServer(cfg, initial, learners)
+        # the server's own held-out set: the server's data, so it loads here on every engine
+        eval_data = cfg.server.eval_data
+        self.server_set = load_server_set(eval_data) if eval_data is not None else None
         self.client_states: dict[str, dict[str, Any]] = {}
 
     def admit_clients(self, client_tasks: Mapping[str, str]) -> None:
@@ -242,6 +250,9 @@ class EmbeddedFederation:
         """Add the evaluation (if any), log every record, then checkpoint the round."""
         records, timer, server_round = pending.records, pending.timer, pending.server_round
         if metrics is not None:
+            if self.server_set is not None:
+                with timer.phase("evaluate_server_set"):
+                    metrics = {**metrics, **self.evaluate_server_set()}
             records.append({"type": "eval", "round": server_round, **metrics})
         round_record = next(r for r in records if r["type"] == "round")
         round_record.update({f"timing/{k}": v for k, v in timer.seconds.items()})
@@ -280,7 +291,19 @@ class EmbeddedFederation:
         )
 
     def log_round0(self, metrics: Mapping[str, float]) -> None:
-        self.run.log({"type": "eval", "round": 0, **metrics})
+        self.run.log({"type": "eval", "round": 0, **metrics, **self.evaluate_server_set()})
+
+    def evaluate_server_set(self) -> dict[str, float]:
+        """``[server.eval_data]``: the global adapter (and its task's, when set) on the server's
+        own set, on the server; nothing when the table is absent."""
+        if self.server_set is None:
+            return {}
+        state = self.server.state
+        adapters = {"global": state.global_adapter}
+        task = self.server_set.config.task
+        if task is not None:
+            adapters["task"] = state.task_adapters.get(task, state.global_adapter)
+        return evaluate_server_set(self.policy, self.tokenizer, self.server_set, adapters)
 
     def evaluate(self, local_models: Mapping[str, Adapter] | None = None) -> dict[str, float]:
         """Every client scores its adapters on its own test rows; the server combines the scores.

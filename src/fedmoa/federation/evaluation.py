@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedmoa.aggregation import Adapter
+from fedmoa.data import load_rows
+from fedmoa.errors import DataError
 from fedmoa.eval import EvalResult, evaluate_rows
 from fedmoa.federation.client import ClientData, load_adapter
-from fedmoa.federation.config import ClientConfig, ServerConfig
+from fedmoa.federation.config import ClientConfig, ServerConfig, ServerEvalConfig
 from fedmoa.rewards import RewardFunc
+from fedmoa.train_local import build_reward_funcs
 
 EVAL_KINDS = ("global", "personal", "local_model")
 
@@ -58,16 +62,58 @@ def evaluate_client(
     return out
 
 
+@dataclass
+class ServerSet:
+    """The server's own held-out set (``[server.eval_data]``), loaded on the server."""
+
+    config: ServerEvalConfig
+    rows: list[dict[str, Any]]
+    reward_funcs: list[tuple[str, RewardFunc]]
+
+
+def load_server_set(cfg: ServerEvalConfig) -> ServerSet:
+    """Its first ``prompts`` rows and its reward functions; errors name ``server.eval_data``."""
+    try:
+        rows = load_rows(cfg.data)[: cfg.prompts]
+    except DataError as err:
+        raise DataError(f"server.eval_data.data: {err}") from err
+    if not rows:
+        raise DataError("server.eval_data.data: no rows")
+    return ServerSet(cfg, rows, build_reward_funcs(cfg.rewards, field="server.eval_data.rewards"))
+
+
+def evaluate_server_set(
+    policy: Any, tokenizer: Any, server_set: ServerSet, adapters: Mapping[str, Adapter]
+) -> dict[str, float]:
+    """``server_eval/<kind>/accuracy``, ``.../hypervolume``, ``.../rewards/<objective>`` for each
+    adapter (``global``, ``task``), and ``server_eval/test_size``."""
+    cfg = server_set.config
+    out = {"server_eval/test_size": float(len(server_set.rows))}
+    for kind, adapter in adapters.items():
+        result = score_adapter(
+            policy,
+            tokenizer,
+            cfg,
+            adapter,
+            server_set.rows,
+            server_set.reward_funcs,
+            cfg.max_new_tokens,
+        )
+        out.update(result.metrics(f"server_eval/{kind}"))
+    return out
+
+
 def score_adapter(
     policy: Any,
     tokenizer: Any,
-    client: ClientConfig,
+    client: ClientConfig | ServerEvalConfig,
     adapter: Adapter,
     rows: Sequence[dict[str, Any]],
     reward_funcs: Sequence[tuple[str, RewardFunc]],
     max_new_tokens: int,
 ) -> EvalResult:
-    """Greedy pass@1 and reward means of ``adapter`` on ``rows`` with ``client``'s rewards."""
+    """Greedy pass@1 and reward means of ``adapter`` on ``rows`` with ``client``'s rewards (a
+    client's, or the server set's)."""
     load_adapter(policy, adapter)
     return evaluate_rows(
         policy, tokenizer, list(rows), list(reward_funcs), client.primary_reward, max_new_tokens

@@ -90,9 +90,16 @@ def run_task(runtime_api_address: str, token: str) -> None:
     status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
         message, context, _, _ = pull_task_input(client)
+        began = time.perf_counter()
         try:
             reply = client_app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
+            logger.info(
+                "%s message of run %d: %.2f s",
+                message.metadata.message_type,
+                message.metadata.run_id,
+                time.perf_counter() - began,
+            )
         except Exception as err:  # the node lives on; the server logs the reply's reason
             details = f"{type(err)}:<'{err}'>"
             logger.exception("ClientApp raised an exception")
