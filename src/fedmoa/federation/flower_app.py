@@ -128,8 +128,7 @@ RoundCallback = Callable[[int, list[dict[str, Any]]], None]
 
 def _to_array(tensor: torch.Tensor) -> Array:
     """numpy has no bfloat16: widen it to float32, which is exact (and undone on the way in)."""
-    tensor = tensor.detach().cpu()
-    return Array(tensor.float() if tensor.dtype == torch.bfloat16 else tensor)
+    return Array(_wire_array(tensor, "float32"))
 
 
 PACKED = "fedmoa/packed/"  # + numpy dtype: every LoRA tensor of that dtype, flattened, in order
