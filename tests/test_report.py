@@ -340,3 +340,80 @@ def test_shares_come_from_the_round_records():
     for record in rounds:
         for client, weight in record["client_weights"].items():
             assert run.shares[client][record["round"]] == weight
+
+
+def raw_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").open() if line.strip()]
+
+
+def test_per_task_table_pairs_each_task_seed_by_seed(rendered):
+    from scipy import stats
+
+    out, _ = rendered
+    rows = section_table((out / "report.md").read_text(), "## Per task and per client")
+    finals: dict[tuple[str, str], list[float]] = {}  # (method, task) -> per seed 0, 1
+    for run in RUN_DIRS:
+        method = json.loads((run / "summary.json").read_text())["method"]
+        last = [r for r in raw_records(run) if r["type"] == "eval"][-1]
+        for task in ("arithmetic", "chain"):
+            finals.setdefault((method, task), []).append(last[f"global/{task}/accuracy"])
+    for task in ("arithmetic", "chain"):
+        avg, moa = finals["fedavg", task], finals["fedmoa", task]
+        assert rows[f"fedavg / {task}"]["final global acc"] == mean_std(avg)
+        assert rows[f"fedavg / {task}"]["Δ vs fedavg [95% CI]"] == "reference"
+        assert rows[f"fedmoa / {task}"]["base global acc"] == "-"  # no round-0 record
+        diffs = [m - a for m, a in zip(moa, avg, strict=True)]
+        cell = rows[f"fedmoa / {task}"]["Δ vs fedavg [95% CI]"]
+        if statistics.stdev(diffs) == 0:
+            assert cell.startswith(f"{statistics.mean(diffs):+.3f} [")
+        else:
+            interval = stats.ttest_rel(moa, avg).confidence_interval(0.95)
+            expected = f"{statistics.mean(diffs):+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+            assert cell == expected
+
+
+def test_per_client_table_shows_weights_and_shares(rendered):
+    out, _ = rendered
+    rows = section_table((out / "report.md").read_text(), "## Per task and per client", index=1)
+    primary = {"arith-boxed": "letters", "arith-strict": "digits", "chain": "letters"}
+    runs = [RUNS / "fedmoa-s0", RUNS / "fedmoa-s1"]
+    for client, objective in primary.items():
+        first, last, shares = [], [], []
+        for run in runs:
+            records = raw_records(run)
+            weights = [
+                r[f"weights/{objective}"]
+                for r in records
+                if r["type"] == "client" and r["client"] == client
+            ]
+            first.append(weights[0])
+            last.append(weights[-1])
+            per_round = [r["client_weights"][client] for r in records if r["type"] == "round"]
+            shares.append(statistics.fmean(per_round))
+        row = rows[f"fedmoa / {client}"]
+        assert row["primary weight, round 1"] == mean_std(first)
+        assert row["primary weight, last"] == mean_std(last)
+        assert row["share of global update"] == mean_std(shares)
+    assert set(rows) == {f"{m} / {c}" for m in ("fedmoa", "fedavg") for c in primary}
+
+
+def test_breakdown_base_comes_from_round_zero(tmp_path):
+    from fedmoa.report.aggregate import client_breakdown, task_breakdown
+
+    shutil.copytree(RUNS / "fedmoa-s0", tmp_path / "run")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    base = {
+        "type": "eval",
+        "round": 0,
+        "global/accuracy": 0.25,
+        "personal/accuracy": 0.25,
+        "global/chain/accuracy": 0.375,
+        "personal/chain/accuracy": 0.125,
+    }
+    metrics.write_text(json.dumps(base) + "\n" + metrics.read_text())
+    summaries = summarize([load_run(tmp_path / "run")])
+    chain = next(row for row in task_breakdown(summaries) if row.task == "chain")
+    assert chain.base.mean == 0.375 and chain.paired is None  # no fedavg to pair with
+    client = next(row for row in client_breakdown(summaries) if row.client == "chain")
+    assert client.base.mean == 0.125
+    assert client.final.mean == load_run(RUNS / "fedmoa-s0").client_accuracy["chain"][3]

@@ -188,3 +188,83 @@ def per_round(
 
 def _per_round(per_round_bytes: dict[int, int]) -> float:
     return sum(per_round_bytes.values()) / len(per_round_bytes) if per_round_bytes else math.nan
+
+
+def first_value(series: Mapping[int, float]) -> float:
+    """The value at the first round a series has; NaN when it has none."""
+    return series[min(series)] if series else math.nan
+
+
+def last_value(series: Mapping[int, float]) -> float:
+    """The value at the last round a series has; NaN when it has none."""
+    return series[max(series)] if series else math.nan
+
+
+@dataclass(frozen=True)
+class TaskBreakdown:
+    """One method's global accuracy on one task: where the mean hides a task that lost."""
+
+    method: str
+    task: str
+    base: Stat  # round 0
+    final: Stat
+    paired: PairedDifference | None  # vs fedavg; None for fedavg itself or without it
+
+
+@dataclass(frozen=True)
+class ClientBreakdown:
+    """What each half of FedMOA did to one client: its primary weight and its server share."""
+
+    method: str
+    client: str
+    task: str
+    primary_weight_first: Stat  # after round 1's local steps
+    primary_weight_last: Stat
+    share: Stat  # its weight in the global update, mean over rounds
+    base: Stat  # personalized accuracy, round 0
+    final: Stat  # personalized accuracy, last evaluated round
+
+
+def task_breakdown(summaries: list[MethodSummary]) -> list[TaskBreakdown]:
+    """Per method and task: base and final global accuracy, and the paired Δ vs fedavg."""
+    base = next((s for s in summaries if s.method == BASELINE), None)
+    rows = []
+    for s in summaries:
+        for task in dict.fromkeys(t for r in s.runs for t in r.tasks):
+
+            def final(r: RunRecord, task: str = task) -> float:
+                return last_value(r.task_accuracy.get(task, {}))
+
+            paired = None
+            if base is not None and s is not base:
+                paired = paired_difference(by_seed(s.runs, final), by_seed(base.runs, final))
+            start = Stat.of(r.task_accuracy.get(task, {}).get(0, math.nan) for r in s.runs)
+            rows.append(TaskBreakdown(s.method, task, start, Stat.of(map(final, s.runs)), paired))
+    return rows
+
+
+def client_breakdown(summaries: list[MethodSummary]) -> list[ClientBreakdown]:
+    """Per method and client, mean over seeds: primary weight, server share, accuracy."""
+    rows = []
+    for s in summaries:
+        clients = {c: t for r in s.runs for c, t in r.clients.items()}
+        for client, task in clients.items():
+
+            def primary(r: RunRecord, client: str = client) -> dict[int, float]:
+                return r.weights.get(client, {}).get(r.primary.get(client, ""), {})
+
+            shares = [r.shares.get(client, {}) for r in s.runs]
+            accuracy = [r.client_accuracy.get(client, {}) for r in s.runs]
+            rows.append(
+                ClientBreakdown(
+                    method=s.method,
+                    client=client,
+                    task=task,
+                    primary_weight_first=Stat.of(first_value(primary(r)) for r in s.runs),
+                    primary_weight_last=Stat.of(last_value(primary(r)) for r in s.runs),
+                    share=Stat.of(statistics.fmean(v.values()) for v in shares if v),
+                    base=Stat.of(a.get(0, math.nan) for a in accuracy),
+                    final=Stat.of(last_value(a) for a in accuracy),
+                )
+            )
+    return rows

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from fedmoa.errors import FedMOAError
 from fedmoa.report import figures
-from fedmoa.report.aggregate import BASELINE, PAIRED_METRICS, MethodSummary, Stat, summarize
+from fedmoa.report.aggregate import (
+    BASELINE,
+    PAIRED_METRICS,
+    MethodSummary,
+    Stat,
+    client_breakdown,
+    summarize,
+    task_breakdown,
+)
 from fedmoa.report.document import FigureBlock, Section, TableBlock, to_html, to_markdown
 from fedmoa.report.load import RunRecord, load_runs
 
@@ -39,6 +47,13 @@ PAIRED_NOTES = (
 BASE_NOTES = (
     "Base: the starting (untrained) adapter, evaluated before round 1 with the same rows, "
     "rewards and decoding (round 0); gain is final − base, run by run."
+)
+BREAKDOWN_NOTES = (
+    "Per task: the global adapter's accuracy on each task's test rows (base: round 0), and "
+    "the paired difference to fedavg on that task with its 95% interval. Per client: the "
+    "weight of its primary objective after round 1 and after the last round (the weighting "
+    "half), its mean share of the global update over rounds (the aggregation half), and its "
+    "personalized accuracy, base → final; every figure is the mean ± std over seeds."
 )
 BYTES_NOTES = (
     "KiB per round: LoRA tensors exchanged, summed over the round's clients (down: the start "
@@ -83,6 +98,12 @@ def write_report(run_dirs: list[Path] | list[str], output: Path | str | None = N
     if has_baseline and len(summaries) > 1:
         blocks += [paired_table(summaries), PAIRED_NOTES]
     sections.append(Section("Comparison", blocks))
+    sections.append(
+        Section(
+            "Per task and per client",
+            [task_table(summaries), client_table(summaries), BREAKDOWN_NOTES],
+        )
+    )
     markdown, page = out / "report.md", out / "report.html"
     markdown.write_text(to_markdown(TITLE, sections), encoding="utf-8")
     page.write_text(to_html(TITLE, sections), encoding="utf-8")
@@ -127,6 +148,40 @@ def paired_table(summaries: list[MethodSummary]) -> TableBlock:
         if s.paired
     ]
     return TableBlock(headers, rows, right=set(range(1, len(headers))))
+
+
+def task_table(summaries: list[MethodSummary]) -> TableBlock:
+    """One row per method and task: base → final global accuracy, paired Δ vs fedavg."""
+    rows = [
+        [
+            f"{row.method} / {row.task}",
+            row.base.fmt(),
+            row.final.fmt(),
+            "reference" if row.method == BASELINE else row.paired.fmt() if row.paired else "-",
+        ]
+        for row in task_breakdown(summaries)
+    ]
+    headers = ["method / task", "base global acc", "final global acc", "Δ vs fedavg [95% CI]"]
+    return TableBlock(headers, rows, right={1, 2, 3})
+
+
+def client_table(summaries: list[MethodSummary]) -> TableBlock:
+    """One row per method and client: primary weight, share, personalized accuracy."""
+    headers = ["method / client", "task", "primary weight, round 1", "primary weight, last"]
+    headers += ["share of global update", "base personalized acc", "final personalized acc"]
+    rows = [
+        [
+            f"{row.method} / {row.client}",
+            row.task,
+            row.primary_weight_first.fmt(),
+            row.primary_weight_last.fmt(),
+            row.share.fmt(),
+            row.base.fmt(),
+            row.final.fmt(),
+        ]
+        for row in client_breakdown(summaries)
+    ]
+    return TableBlock(headers, rows, right={2, 3, 4, 5, 6})
 
 
 def runs_table(runs: list[RunRecord]) -> TableBlock:
