@@ -417,3 +417,17 @@ def test_breakdown_base_comes_from_round_zero(tmp_path):
     client = next(row for row in client_breakdown(summaries) if row.client == "chain")
     assert client.base.mean == 0.125
     assert client.final.mean == load_run(RUNS / "fedmoa-s0").client_accuracy["chain"][3]
+
+
+def test_local_runs_have_no_share_of_a_global_update(tmp_path):
+    from fedmoa.report.aggregate import client_breakdown
+
+    shutil.copytree(RUNS / "fedmoa-s0", tmp_path / "run")
+    resolved = tmp_path / "run" / "resolved_config.json"
+    config = json.loads(resolved.read_text())
+    config["server"]["method"] = "local"
+    resolved.write_text(json.dumps(config))
+    run = load_run(tmp_path / "run")
+    assert run.method == "local" and run.shares  # the round records still carry weights
+    rows = client_breakdown(summarize([run]))
+    assert rows and all(row.share.n == 0 and row.share.fmt() == "-" for row in rows)

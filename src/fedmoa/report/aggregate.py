@@ -253,7 +253,8 @@ def client_breakdown(summaries: list[MethodSummary]) -> list[ClientBreakdown]:
             def primary(r: RunRecord, client: str = client) -> dict[int, float]:
                 return r.weights.get(client, {}).get(r.primary.get(client, ""), {})
 
-            shares = [r.shares.get(client, {}) for r in s.runs]
+            # "local" logs the weights of an aggregate it then discards: no share to show.
+            shares = [r.shares.get(client, {}) for r in s.runs if s.method != "local"]
             accuracy = [r.client_accuracy.get(client, {}) for r in s.runs]
             rows.append(
                 ClientBreakdown(
