@@ -117,6 +117,13 @@ def test_every_method_runs_a_round(tmp_path, method):
     if method == "local":
         assert not changed, "local training never touches the global adapter"
         assert set(state.client_adapters) == {"math-a", "math-b", "chain"}
+        # Nothing is averaged, so there is no task adapter and no share to log; each
+        # client's own adapter is what the run saves.
+        assert state.task_adapters == {}
+        round_record = next(r for r in federation.run.read_metrics() if r["type"] == "round")
+        assert round_record["client_weights"] == {} and round_record["task_shares"] == {}
+        saved = sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir())
+        assert saved == ["client-chain", "client-math-a", "client-math-b", "global"]
     elif method == "centralized":
         assert changed
         clients = [r for r in federation.run.read_metrics() if r["type"] == "client"]

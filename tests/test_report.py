@@ -428,6 +428,6 @@ def test_local_runs_have_no_share_of_a_global_update(tmp_path):
     config["server"]["method"] = "local"
     resolved.write_text(json.dumps(config))
     run = load_run(tmp_path / "run")
-    assert run.method == "local" and run.shares  # the round records still carry weights
+    assert run.method == "local" and run.shares  # as older local records do
     rows = client_breakdown(summarize([run]))
     assert rows and all(row.share.n == 0 and row.share.fmt() == "-" for row in rows)

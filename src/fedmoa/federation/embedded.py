@@ -358,6 +358,9 @@ class EmbeddedFederation:
         for task, adapter in state.task_adapters.items():
             load_adapter(self.policy, adapter)
             self.run.save_adapter(self.policy, f"adapters/task-{task}")
+        for client_id, adapter in state.client_adapters.items():  # "local": each learner's own
+            load_adapter(self.policy, adapter)
+            self.run.save_adapter(self.policy, f"adapters/client-{client_id}")
         records = self.run.read_metrics()
         evals = [r for r in records if r.get("type") == "eval"]
         rounds = [r for r in records if r.get("type") == "round"]

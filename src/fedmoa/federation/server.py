@@ -133,7 +133,19 @@ class FederatedServer:
                 f"{self.state.completed_rounds}"
             )
         # Already sanitised (robust_norm included: a second pass would use another median).
-        if self.method in TASK_ACCURACY_METHODS:
+        if self.method == "local":  # every learner keeps its own adapter; nothing is averaged
+            for update in accepted:
+                start = plan.starts[update.client_id]
+                self.state.client_adapters[update.client_id] = apply_delta(start, update.delta, 1.0)
+            result = AggregationResult(
+                global_adapter=current,
+                global_delta={},
+                task_adapters={},
+                client_weights={},
+                task_shares={},
+                rejected=[],
+            )
+        elif self.method in TASK_ACCURACY_METHODS:
             settings = task_accuracy_settings(server)
             evidence = accumulate_evidence(self.state.accuracy_evidence, accepted, settings.memory)
             result = task_accuracy_aggregate(current, accepted, settings, evidence=evidence)
@@ -143,11 +155,6 @@ class FederatedServer:
             if self.optimizer is not None and result.global_delta:
                 result.global_adapter = self.optimizer.step(current, result.global_delta)
         result.rejected = rejected + result.rejected
-        if self.method == "local":
-            for update in accepted:
-                start = plan.starts[update.client_id]
-                self.state.client_adapters[update.client_id] = apply_delta(start, update.delta, 1.0)
-            result.global_adapter = current
         self.state.global_adapter = result.global_adapter
         self.state.task_adapters.update(result.task_adapters)
         self.state.completed_rounds = plan.server_round

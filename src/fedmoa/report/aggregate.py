@@ -253,7 +253,7 @@ def client_breakdown(summaries: list[MethodSummary]) -> list[ClientBreakdown]:
             def primary(r: RunRecord, client: str = client) -> dict[int, float]:
                 return r.weights.get(client, {}).get(r.primary.get(client, ""), {})
 
-            # "local" logs the weights of an aggregate it then discards: no share to show.
+            # "local" averages nothing; its older records carry a discarded aggregate's weights.
             shares = [r.shares.get(client, {}) for r in s.runs if s.method != "local"]
             accuracy = [r.client_accuracy.get(client, {}) for r in s.runs]
             rows.append(
