@@ -353,14 +353,14 @@ class EmbeddedFederation:
     def finish(self) -> dict[str, Any]:
         """Save the final adapters in PEFT format and write ``summary.json``."""
         state = self.server.state
-        load_adapter(self.policy, state.global_adapter)
-        self.run.save_adapter(self.policy, "adapters/global")
-        for task, adapter in state.task_adapters.items():
+        final = {
+            "global": state.global_adapter,
+            **{f"task-{task}": a for task, a in state.task_adapters.items()},
+            **{f"client-{cid}": a for cid, a in state.client_adapters.items()},  # "local"
+        }
+        for name, adapter in final.items():
             load_adapter(self.policy, adapter)
-            self.run.save_adapter(self.policy, f"adapters/task-{task}")
-        for client_id, adapter in state.client_adapters.items():  # "local": each learner's own
-            load_adapter(self.policy, adapter)
-            self.run.save_adapter(self.policy, f"adapters/client-{client_id}")
+            self.run.save_adapter(self.policy, f"adapters/{name}")
         records = self.run.read_metrics()
         evals = [r for r in records if r.get("type") == "eval"]
         rounds = [r for r in records if r.get("type") == "round"]
