@@ -84,6 +84,74 @@ def test_math_uses_the_last_boxed_answer_and_skips_missing_gold() -> None:
     assert math_accuracy(None, completions, ["7", None]) == [1.0, None]
 
 
+RESTATED = [  # (prompt, completion, gold): the question restated, which math-verify evaluates
+    ("Calculate -1 + 7.", "The answer is -1 + 7", "6"),
+    ("What is 3 + 4?", "The answer is 3 + 4", "7"),
+    ("What is 2 + 5?", r"\boxed{2+5}", "7"),
+    ("What is 2 + 5?", r"\boxed{5 + 2}", "7"),  # not even copied: still not a final number
+    ("Calculate -1 - 7.", "To calculate -1 - 7, the answer is -1 - 7.", "-8"),
+    ("Compute 6 * 7.", r"Final answer: $6 \times 7$", "42"),
+    ("Compute 2^5.", r"\boxed{2^5}", "32"),
+    ("Simplify $(x+1)^2 - 1$.", r"The answer is $(x+1)^2 - 1$.", "x^2+2x"),
+    ("Simplify $(x+1)^2 - 1$.", r"\boxed{(x + 1)^2-1}", r"\boxed{x^2 + 2x}"),
+    (r"Rationalise $\frac{1}{\sqrt{2}}$.", r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{\sqrt{2}}{2}"),
+]
+FINAL_FORMS = [  # (prompt, completion, gold): final answers as GSM8K and MATH write them
+    ("What is 3 + 4?", "The answer is 7.", "7"),
+    ("What is 3 + 4?", "3 + 4 = 7\n#### 7", "7"),
+    ("What is 3 + 4?", "The answer is 3 + 4 = 7", "7"),  # the right-hand side is the answer
+    ("How much?", "The answer is $1,000.", "1000"),
+    ("How much?", r"\boxed{\$18.00}", "18"),
+    ("How much?", "The answer is 18 dollars per hour. She works 8 hours.", "18"),
+    ("How many?", r"\boxed{72 \text{ apples}}", "72"),
+    ("How many?", "Final answer: x = -8", "-8"),
+    ("How many?", "The answer is \u22128", "-8"),
+    ("What share?", r"\boxed{\frac{1}{2}}", "0.5"),
+    ("What share?", "The answer is 1/2.", r"\frac{1}{2}"),
+    ("What share?", r"\boxed{50\%}", "50"),
+    ("What angle?", r"\boxed{90^\circ}", "90"),
+    ("Simplify $(x+1)^2 - 1$.", r"\boxed{2x + x^2}", "x^2+2x"),
+    ("Simplify $(x+1)^2 - 1$.", r"\boxed{x^2+2x}", "x^2+2x"),
+    ("Which is larger, 2/3 or 3/4?", r"\boxed{\frac{3}{4}}", "3/4"),  # a number may be copied
+    ("Solve $x^2 = 2$.", r"\boxed{\sqrt{2}}", r"\sqrt{2}"),
+]
+
+
+@pytest.mark.parametrize(("prompt", "completion", "gold"), RESTATED)
+def test_math_does_not_pay_for_the_question_restated(
+    prompt: str, completion: str, gold: str
+) -> None:
+    prompts = [prompt, [{"role": "user", "content": prompt}]]
+    assert math_accuracy(prompts, [completion, chat(completion)], [gold, gold]) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(("prompt", "completion", "gold"), FINAL_FORMS)
+def test_math_pays_for_final_answers_in_every_usual_form(
+    prompt: str, completion: str, gold: str
+) -> None:
+    prompts = [prompt, [{"role": "user", "content": prompt}]]
+    assert math_accuracy(prompts, [completion, chat(completion)], [gold, gold]) == [1.0, 1.0]
+
+
+def test_answer_form_can_be_chosen_and_is_checked() -> None:
+    prompts = ["What is 10 - 3?"] * 2
+    # "expression" accepts an evaluated-elsewhere form that is not copied from the prompt...
+    assert math_accuracy(prompts, [r"\boxed{3 + 4}", r"\boxed{10 - 3}"], ["7", "7"], answer_form="expression") == [1.0, 0.0]  # fmt: skip
+    # ...and "number" refuses an expression even where the gold is symbolic.
+    assert math_accuracy(None, [r"\boxed{1+x^2}"], ["x^2+1"], answer_form="number") == [0.0]
+    with pytest.raises(ValueError, match="answer_form"):
+        math_accuracy(None, ["7"], ["7"], answer_form="numeric")  # type: ignore[arg-type]
+
+
+def test_the_lenient_mode_warns_that_it_can_be_gamed(caplog: pytest.LogCaptureFixture) -> None:
+    math_reward._warned_lenient = False
+    with caplog.at_level("WARNING", logger="fedmoa.rewards.math_reward"):
+        assert math_accuracy(None, ["-1 + 7"], ["6"], require_final_answer=False) == [1.0]
+        math_accuracy(None, ["-1 + 7"], ["6"], require_final_answer=False)
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "game" in caplog.records[0].getMessage()
+
+
 def _math_mixed() -> list[float | None]:
     return math_accuracy(None, [c for c, _ in MIXED], [g for _, g in MIXED])
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from typing import Any
 
 from fedmoa.errors import RewardError
 from fedmoa.rewards._math_worker import check
+from fedmoa.rewards.answer_form import AnswerForm, final_number, restates_prompt
 from fedmoa.rewards.answers import last_boxed, last_marker_answer
 from fedmoa.rewards.base import Completion, completion_text
 
@@ -43,22 +45,34 @@ Item = tuple[str, list[str]]
 
 
 def math_accuracy(
-    prompts: Sequence[Any],
+    prompts: Sequence[Any] | None,
     completions: Sequence[Completion],
     answer: Sequence[Any],
     *,
     require_final_answer: bool = True,
+    answer_form: AnswerForm = "auto",
     timeout: float = 5,
     **kwargs: Any,
 ) -> list[float | None]:
-    """1.0 if the completion's final answer equals the gold ``answer`` under math-verify, else 0.0.
+    """1.0 if the completion's final answer is in final form and equals the gold ``answer`` under
+    math-verify, else 0.0.
 
-    The prediction is the last ``\\boxed{}``, else the last "#### X", "Final answer: X" or "The
+    The final answer is the last ``\\boxed{}``, else the last "#### X", "Final answer: X" or "The
     answer is X". Without one the score is 0.0: truncated text often ends in an expression that
-    evaluates to the gold answer. ``require_final_answer=False`` checks the whole text instead.
+    evaluates to the gold answer. ``answer_form`` says what final form is (``answer_form.py``):
+    ``number``, a number as written (no "-1 + 7" for 6); ``expression``, any expression but one
+    copied from the prompt; ``auto`` (default), ``number`` where the gold is a number.
+    ``require_final_answer=False`` checks the whole text when there is no final answer: GRPO
+    learns to game that within tens of steps (docs/reward_hacking.md), so it logs a warning.
     A gold answer of None scores None. ``timeout`` is math-verify's per-step limit in seconds;
     SIGALRM counts whole seconds, so a fraction rounds up (0 or less: no limit).
     """
+    if answer_form not in ("auto", "number", "expression"):
+        raise ValueError(
+            f"unknown answer_form {answer_form!r}; expected 'auto', 'number' or 'expression'"
+        )
+    if not require_final_answer:
+        _warn_lenient_once()
     timeout = max(0, math.ceil(timeout))  # signal.alarm(0.5) fails, and every answer would score 0
     scores: list[float | None] = [None] * len(completions)
     items: list[Item] = []
@@ -67,35 +81,70 @@ def math_accuracy(
         if gold is None:
             continue
         scores[row] = 0.0
-        candidates = prediction_candidates(completion_text(completion), require_final_answer)
-        if candidates:
-            items.append((gold_latex(gold), candidates))
+        prompt = None if prompts is None else completion_text(prompts[row])
+        checked = checkable(
+            completion_text(completion), gold_text(gold), prompt, require_final_answer, answer_form
+        )
+        if checked is not None:
+            items.append(checked)
             rows.append(row)
     for row, score in zip(rows, verify_batch(items, timeout), strict=True):
         scores[row] = score
     return scores
 
 
-def gold_latex(gold: object) -> str:
-    """A gold answer (number, LaTeX, ``\\boxed{}``, GSM8K "... #### 72") as ``$...$`` to parse."""
+def gold_text(gold: object) -> str:
+    """The gold answer of a number, LaTeX, ``\\boxed{}`` or GSM8K "... #### 72", without ``$``."""
     text = str(gold).strip()
     if "####" in text:
         text = text.rsplit("####", 1)[1].strip()
     boxed = last_boxed(text)
     if boxed is not None:
         text = boxed
-    return text if text.startswith("$") and text.endswith("$") else f"${text}$"
+    return text[1:-1].strip() if len(text) > 1 and text[0] == text[-1] == "$" else text
 
 
-def prediction_candidates(text: str, require_final_answer: bool) -> list[str]:
-    """Strings to parse as the prediction, in order; empty if a required final answer is missing."""
+def checkable(
+    text: str,
+    gold: str,
+    prompt: str | None,
+    require_final_answer: bool,
+    answer_form: AnswerForm,
+) -> Item | None:
+    """The (gold, prediction candidates) pair math-verify checks; None when the completion
+    scores 0.0 without a check: no final answer where one is required, or not in final form."""
+    gold_number = final_number(gold)
+    if answer_form == "auto":
+        answer_form = "number" if gold_number is not None else "expression"
     boxed = last_boxed(text)
+    final = boxed if boxed is not None else last_marker_answer(text)
+    if final is None:
+        return None if require_final_answer else (f"${gold}$", [text])
+    if answer_form == "number":
+        if boxed is None:  # a marker's line may go on: "The answer is 6. It is the sum of ..."
+            final = re.split(r"(?<=\.)\s", final, maxsplit=1)[0]
+        number = final_number(final)
+        if number is None:
+            return None
+        return f"${gold if gold_number is None else gold_number}$", [f"${number}$"]
+    if prompt is not None and restates_prompt(final, prompt, gold):
+        return None
     if boxed is not None:
-        return [f"\\boxed{{{boxed}}}"]
-    marked = last_marker_answer(text)
-    if marked is not None:
-        return [marked, f"${marked}$"]  # "72 apples" parses as plain text, "x^2+1" only as LaTeX
-    return [] if require_final_answer else [text]
+        return f"${gold}$", [f"\\boxed{{{boxed}}}"]
+    return f"${gold}$", [final, f"${final}$"]  # "72 apples" parses as plain text, "x^2+1" as LaTeX
+
+
+_warned_lenient = False
+
+
+def _warn_lenient_once() -> None:
+    global _warned_lenient
+    if not _warned_lenient:
+        _warned_lenient = True
+        logger.warning(
+            "math_accuracy with require_final_answer = false scores the whole text when there is no"
+            " final answer: GRPO learns to game it (docs/reward_hacking.md)"
+        )
 
 
 def verify_batch(items: Sequence[Item], timeout: int) -> list[float]:
