@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-from fedmoa.grpo.rollout import encode_prompts, eos_token_ids, prompt_budget
+from fedmoa.grpo.rollout import (
+    configured_generation,
+    encode_prompts,
+    eos_token_ids,
+    prompt_budget,
+)
 from fedmoa.rewards import RewardFunc, compute_rewards
 
 Row = dict[str, Any]
@@ -27,6 +32,7 @@ class Generations:
 
     texts: list[str]
     num_tokens: list[int]  # generated tokens per row, the closing EOS included
+    token_ids: list[list[int]]  # those tokens: what rewards get as ``completion_ids``
     truncated: list[bool]  # hit ``max_new_tokens`` before an EOS
     seconds: float  # wall time spent in ``generate``
 
@@ -36,6 +42,7 @@ class EvalResult:
     accuracy: float  # mean of the primary objective over rows it applies to (NaN if none)
     reward_means: dict[str, float] = field(default_factory=dict)
     num_rows: int = 0
+    accuracy_rows: int = 0  # rows the primary scored (not None): the evidence behind ``accuracy``
     completions: list[str] = field(default_factory=list)
     # Per-row detail for reports (``fedmoa eval``); the federation only reads the means above.
     rewards: torch.Tensor | None = None  # [num_rows, m], NaN where an objective does not apply
@@ -81,26 +88,27 @@ def greedy_generate(
     """
     device = next(model.parameters()).device
     budget = prompt_budget(model, max_new_tokens)  # longer prompts keep their end (rollout.py)
-    eos = list(eos_token_ids(model, tokenizer))
+    eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     was_training = model.training
     model.eval()
-    out = Generations(texts=[], num_tokens=[], truncated=[], seconds=0.0)
+    out = Generations(texts=[], num_tokens=[], token_ids=[], truncated=[], seconds=0.0)
     try:
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
             encoded = encode_prompts(tokenizer, batch, device, budget)
             began = time.perf_counter()
-            output = model.generate(
-                **encoded,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            with configured_generation(model, eos, pad):
+                output = model.generate(
+                    **encoded,
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=list(eos),
+                    pad_token_id=pad,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
             out.seconds += time.perf_counter() - began
             generated = output[:, encoded["input_ids"].shape[1] :]
             out.texts.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
@@ -110,6 +118,9 @@ def greedy_generate(
             ended = is_eos.any(dim=1)
             lengths = torch.where(ended, is_eos.int().argmax(dim=1) + 1, generated.shape[1])
             out.num_tokens.extend(lengths.tolist())
+            out.token_ids.extend(
+                ids[:n].tolist() for ids, n in zip(generated, lengths, strict=True)
+            )
             out.truncated.extend((~ended).tolist())
             if on_batch is not None:
                 on_batch(len(batch))
@@ -147,12 +158,15 @@ def evaluate_rows(
     gen = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch)
     completions = [[{"role": "assistant", "content": t}] for t in gen.texts]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
+    columns["completion_ids"] = gen.token_ids  # as in training: ``length`` counts tokens in both
     rewards = compute_rewards(reward_funcs, prompts, completions, columns)
     means = {name: _nanmean(rewards[:, i]) for i, (name, _) in enumerate(reward_funcs)}
+    column = [name for name, _ in reward_funcs].index(primary)
     return EvalResult(
         accuracy=means[primary],
         reward_means=means,
         num_rows=len(rows),
+        accuracy_rows=int((~torch.isnan(rewards[:, column])).sum()),
         completions=gen.texts,
         rewards=rewards,
         num_tokens=gen.num_tokens,

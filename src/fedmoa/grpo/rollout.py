@@ -14,8 +14,10 @@ prompt. Each batch with truncated prompts logs a warning with their number.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +120,25 @@ def eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+@contextlib.contextmanager
+def configured_generation(model: Any, eos_ids: tuple[int, ...], pad_id: int) -> Iterator[None]:
+    """``generate`` with nothing of the model's own ``generation_config`` but its EOS and pad ids.
+
+    transformers fills every field a call leaves unset from the model's generation config, and a
+    hub model's config may set ``repetition_penalty``, ``no_repeat_ngram_size``,
+    ``min_new_tokens``, ...: their processors would then reshape the distribution before our
+    sampler, and the loss would train on samples of another policy. Swapping in a config that
+    holds only the EOS and pad ids leaves transformers' neutral global defaults.
+    """
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig(eos_token_id=list(eos_ids), pad_token_id=pad_id)
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
+
+
 def _mask_through_eos(completion_ids: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     width = completion_ids.shape[1]
@@ -203,8 +224,8 @@ def generate_rollouts(
     prompt_mask = encoded["attention_mask"].repeat_interleave(settings.group_size, dim=0)
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    # Sampling happens in ``_Sampler``; the model's own sampling defaults (e.g. top_k = 50)
-    # are switched off so that they can neither apply nor warn.
+    # Sampling happens in ``_Sampler``; transformers' sampling defaults (e.g. top_k = 50) are
+    # switched off so that they can neither apply nor warn.
     config = GenerationConfig(
         do_sample=False,
         temperature=None,
@@ -218,7 +239,7 @@ def generate_rollouts(
     was_training = model.training
     model.eval()
     try:
-        with contiguous_head_input(model):
+        with contiguous_head_input(model), configured_generation(model, eos_ids, pad_id):
             output = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
