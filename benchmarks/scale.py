@@ -74,8 +74,7 @@ def reward_variants(module: str) -> tuple[list[dict[str, Any]], ...]:
     digits = f"{module}:digit_share"
     return (
         [
-            {"name": "accuracy", "function": "math_accuracy", "role": "primary",
-             "params": {"require_final_answer": False}},
+            {"name": "accuracy", "function": "math_accuracy", "role": "primary"},
             {"name": "digits", "function": digits, "weight": 1.0},
         ],
         [

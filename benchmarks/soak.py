@@ -79,7 +79,7 @@ data = {{ source = "reasoning_gym", name = "basic_arithmetic", size = 24, params
 id = "a"
 task = "arithmetic"
 rewards = [
-  {{ name = "accuracy", function = "math_accuracy", role = "primary", params = {{ require_final_answer = false, timeout = 2 }} }},
+  {{ name = "accuracy", function = "math_accuracy", role = "primary", params = {{ timeout = 2 }} }},
   {{ name = "format", function = "format", weight = 0.5 }},
 ]
 
@@ -87,7 +87,7 @@ rewards = [
 id = "b"
 task = "arithmetic"
 rewards = [
-  {{ name = "accuracy", function = "math_accuracy", role = "primary", timeout = 60, params = {{ require_final_answer = false }} }},
+  {{ name = "accuracy", function = "math_accuracy", role = "primary", timeout = 60 }},
   {{ name = "brevity", function = "length", weight = 0.5, params = {{ target = 4 }} }},
 ]
 

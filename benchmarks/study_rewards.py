@@ -28,6 +28,6 @@ def no_digits(
 def wrong_answer(
     prompts: Sequence[Any], completions: Sequence[Completion], answer: Sequence[Any], **kwargs: Any
 ) -> list[float | None]:
-    """A broken correctness reward: 1.0 for a wrong answer, 0.0 for a right one (lenient check)."""
-    scores = math_accuracy(prompts, completions, answer, require_final_answer=False)
+    """A broken correctness reward: 1.0 for a wrong answer, 0.0 for a right one (strict check)."""
+    scores = math_accuracy(prompts, completions, answer)
     return [None if s is None else 1.0 - s for s in scores]

@@ -60,7 +60,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 SCENARIOS = ("saturating", "noise", "conflict")
 PRIMARY = "accuracy"
-SYSTEM_PROMPT = "Answer with just the number."
+SYSTEM_PROMPT = "Reply with one line: The answer is <number>."
 DATA_PARAMS = {
     "min_terms": 2,
     "max_terms": 2,
@@ -140,7 +140,7 @@ def no_digits(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list
 
 
 def objectives(scenario: str, seed: int, saturate_at: int) -> list[tuple[str, RewardFunc, float]]:
-    accuracy = load_reward_function("math_accuracy", {"require_final_answer": False})
+    accuracy = load_reward_function("math_accuracy")
     if scenario == "saturating":
         style = Saturating(load_reward_function("length", {"target": 24}), saturate_at)
         brevity = load_reward_function("length", {"target": 8})
@@ -228,7 +228,7 @@ def run_one(
 
 def base_accuracy(policy: Any, tokenizer: Any, test: list[Row], args: argparse.Namespace) -> float:
     reset_adapter(policy, 0)  # B = 0: the adapter is the identity, this is the base model
-    funcs = [(PRIMARY, load_reward_function("math_accuracy", {"require_final_answer": False}))]
+    funcs = [(PRIMARY, load_reward_function("math_accuracy"))]
     return evaluate_rows(policy, tokenizer, test, funcs, PRIMARY, args.max_new_tokens).accuracy
 
 
