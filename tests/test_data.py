@@ -67,8 +67,8 @@ def test_easy_params_give_one_digit_two_term_problems_with_correct_answers() -> 
         assert int(row["answer"]) == eval(expression)  # divisions are exact, operands are digits
 
 
-def test_system_prompt_none_gives_a_single_user_turn() -> None:
-    row = load_rows(DataConfig(size=1, system_prompt=None))[0]
+def test_empty_system_prompt_gives_a_single_user_turn() -> None:
+    row = load_rows(DataConfig(size=1, system_prompt=""))[0]
     assert row["prompt"] == [{"role": "user", "content": row["question"]}]
 
 
@@ -223,7 +223,7 @@ def test_parquet_roundtrip(tmp_path: Path) -> None:
     rows = load_rows(DataConfig(source="parquet", path=str(tmp_path / "code.parquet")))
     assert rows == [
         {
-            "prompt": [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *messages],
+            "prompt": messages,  # messages are used as written: no default system message
             "test_list": ["assert f() == 1"],
             "task_id": 7,
         }

@@ -167,7 +167,7 @@ def test_size_is_a_fixed_nested_subset_in_file_order(
 def test_code_sources_keep_a_custom_or_no_system_prompt() -> None:
     custom = load_rows(DataConfig(source="mbpp", size=1, system_prompt="Be terse."))[0]
     assert custom["prompt"][0] == {"role": "system", "content": "Be terse."}
-    bare = load_rows(DataConfig(source="humaneval", size=1, system_prompt=None))[0]
+    bare = load_rows(DataConfig(source="humaneval", size=1, system_prompt=""))[0]
     assert bare["prompt"] == [{"role": "user", "content": bare["question"]}]
     assert bare["code_prompt"] in bare["question"]
 

@@ -7,6 +7,7 @@ files and turns validation failures into ``ConfigError("file: a.b[2].c: why")``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
@@ -30,10 +31,11 @@ from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError, ModelLoadError
 from fedmoa.grpo.trainer import GRPOSettings
 from fedmoa.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_dtype
-from fedmoa.weighting.config import WeightingConfig, resolve_method
+from fedmoa.weighting.config import WeightingConfig, resolve_method, unread_keys
 
 STRICT = ConfigDict(extra="forbid")
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(config=STRICT)
@@ -120,8 +122,11 @@ class RewardConfig:
     role: Literal["primary", "auxiliary"] = "auxiliary"
     # initial (static: fixed) weight, normalised over the client's objectives
     weight: float = Field(1.0, ge=0, allow_inf_nan=False)
-    # keyword arguments bound to the reward function
+    # keyword arguments bound to the reward function (with factory = true: passed to the factory)
     params: dict[str, Any] = field(default_factory=dict)
+    # function is a factory (e.g. trl.rewards:get_soft_overlong_punishment): it is called once
+    # with params when rewards load, and the callable it returns is the reward function
+    factory: bool = False
     # a failing call stops the run (raise) or scores None and goes on (none)
     on_error: Literal["raise", "none"] = "raise"
     # seconds one call may take; none: no limit
@@ -171,8 +176,10 @@ class TrainLocalConfig:
 
     @model_validator(mode="after")
     def _floor_fits(self) -> TrainLocalConfig:
-        if resolve_method(self.weighting.method, None) != "static":
+        weighting = resolve_method(self.weighting.method, None)
+        if weighting != "static":
             check_weight_floor(self.weighting.w_min, len(self.rewards), "rewards")
+        check_advantage(weighting, self.grpo.advantage, "grpo")
         return self
 
 
@@ -183,6 +190,51 @@ def check_weight_floor(w_min: float, objectives: int, where: str) -> None:
             f"weighting.w_min = {w_min:g} is too large for the {objectives} objectives of "
             f"{where}: it must be below 1/{objectives}"
         )
+
+
+def check_advantage(weighting: str, advantage: str, where: str) -> None:
+    """No ``sum_then_normalize`` under the hypergradient weighting: the hypergradient measures
+    each objective's own advantage ``Â_i`` as the part it plays in the trained ``Σ w_i Â_i``,
+    which ``sum_then_normalize`` does not train on (it normalises the weighted reward sum)."""
+    if weighting == "hypergradient" and advantage == "sum_then_normalize":
+        raise ValueError(
+            f"{where}.advantage = 'sum_then_normalize' contradicts the hypergradient weighting, "
+            "which measures the per-objective advantages that only 'normalize_then_sum' trains on"
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log a config warning once per process: a file may be loaded more than once (a Flower
+    node and the server in one process, a resume), and saying it again adds nothing."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
+def given_keys(data: dict[str, Any], table: str) -> frozenset[str]:
+    """The keys a config file sets in ``table`` (none when it is absent or not a table)."""
+    value = data.get(table)
+    return frozenset(value) if isinstance(value, dict) else frozenset()
+
+
+def report_unread(source: str, find: Callable[[], list[str]]) -> None:
+    """Keys a file sets that the run does not read: ``find`` raises ``ValueError`` for one that
+    contradicts the file (a one-line ``ConfigError`` here) and returns one line for each left
+    over from another method, warned about once.
+
+    Only what the file itself sets counts (``given_keys`` of its raw tables), which is why this
+    runs where files are read and not in the models: a config validated again from
+    ``dataclasses.asdict`` (the settings a server sends its nodes) has every key.
+    """
+    try:
+        notes = find()
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    for note in notes:
+        warn_once(f"{source}: {note}")
 
 
 Location = Sequence[str | int]
@@ -263,9 +315,17 @@ def parse_config(
 
 def load_config(path: str | Path, schema: type[T] = TrainLocalConfig) -> T:  # type: ignore[assignment]
     """Read and validate a TOML config (strictly typed); every failure is a one-line
-    ``ConfigError``. Relative paths in it are relative to the file (``anchor_paths``)."""
+    ``ConfigError``. Relative paths in it are relative to the file (``anchor_paths``). A
+    train-local ``[weighting]`` key the run does not read is refused or warned about
+    (``report_unread``)."""
     data = anchor_paths(read_toml(path), config_dir(path))
-    return parse_config(data, schema, str(path), strict=True)
+    cfg = parse_config(data, schema, str(path), strict=True)
+    if isinstance(cfg, TrainLocalConfig):
+        weighting = cfg.weighting
+        report_unread(
+            str(path), lambda: unread_keys(weighting, given_keys(data, "weighting"), None)
+        )
+    return cfg
 
 
 def config_dir(path: str | Path) -> Path:

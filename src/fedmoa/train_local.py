@@ -30,11 +30,16 @@ def build_reward_funcs(
     rewards: list[RewardConfig], field: str = "rewards"
 ) -> list[tuple[str, RewardFunc]]:
     """Load every objective's function under its failure policy (``on_error``, ``timeout``);
-    a bad spec names its config field."""
+    a bad spec, or a function that cannot take TRL's reward call, names its config field.
+
+    Every engine (embedded, Flower, node files, centralized, eval, train-local) loads its rewards
+    here, so a ``factory`` entry is called when its rewards load, before any training."""
     funcs = []
     for i, reward in enumerate(rewards):
         try:
-            func = load_reward_function(reward.function, reward.params)
+            func = load_reward_function(
+                reward.function, reward.params, factory=reward.factory, name=reward.name
+            )
         except RewardError as err:
             raise ConfigError(f"{field}[{i}].function: {err}") from None
         funcs.append((reward.name, with_policy(reward.name, func, reward.on_error, reward.timeout)))

@@ -14,7 +14,9 @@ from fedmoa.aggregation.server_optimizers import (
     FlowerServerOptimizer,
     ServerOptimizer,
     ServerOptimizerName,
+    check_server_optimizer,
     make_server_optimizer,
+    server_optimizer_aggregate,
 )
 from fedmoa.aggregation.task_accuracy import (
     ACCURACY_RULES,
@@ -54,11 +56,13 @@ __all__ = [
     "accuracy_weights",
     "adapter_norm",
     "cap_shares",
+    "check_server_optimizer",
     "fedavg",
     "fedavg_aggregate",
     "make_server_optimizer",
     "noise_aware_weights",
     "sanitize",
+    "server_optimizer_aggregate",
     "task_accuracy_aggregate",
     "task_shares",
     "within_task_weights",

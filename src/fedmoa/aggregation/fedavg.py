@@ -52,10 +52,10 @@ def fedavg_aggregate(
     Task adapters are θ_t + η_s · fedavg(updates of that task), so that the
     FedAvg baseline gets the same personalised evaluation as FedMOA. Task shares
     are each task's fraction of the samples, which is what FedAvg implicitly
-    gives it.
+    gives it. The accuracies are not used, so any finite one is accepted.
     """
     check_positive("server_lr", server_lr)
-    accepted, rejected = sanitize(updates, current, robust_norm)
+    accepted, rejected = sanitize(updates, current, robust_norm, rate_accuracy=False)
     if not accepted:
         return unchanged_result(current, rejected)
 

@@ -3,7 +3,8 @@
 Adaptive Federated Optimization (Reddi et al. 2021) treats the aggregated
 client update ``Δ_t`` as a pseudo-gradient and steps a server optimiser on it;
 FedAvgM (Hsu et al. 2019) adds server momentum. The baselines ``fedadam``,
-``fedyogi`` and ``fedavgm`` use them on top of the FedAvg mean delta.
+``fedyogi`` and ``fedavgm`` use them on top of the FedAvg mean delta, and
+``server.server_lr`` scales the step they take (``server_optimizer_aggregate``).
 
 Reuse decision: these classes *drive Flower's own implementations*
 (``flwr.serverapp.strategy.FedAdam``/``FedYogi``/``FedAvgM`` of flwr 1.42)
@@ -39,7 +40,7 @@ rather than ``τ²``. Each step logs Flower's one INFO line
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
@@ -48,7 +49,15 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricR
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from fedmoa.aggregation.updates import Adapter, check_positive
+from fedmoa.aggregation.fedavg import fedavg_aggregate
+from fedmoa.aggregation.updates import (
+    Adapter,
+    AggregationResult,
+    ClientUpdate,
+    apply_delta,
+    check_positive,
+    weighted_sum,
+)
 from fedmoa.errors import ConfigError
 
 ServerOptimizerName = Literal["fedadam", "fedyogi", "fedavgm"]
@@ -91,27 +100,61 @@ def make_server_optimizer(name: ServerOptimizerName, **params: float) -> ServerO
     return FlowerServerOptimizer(name, **params)
 
 
+def check_server_optimizer(name: str, params: Mapping[str, object]) -> None:
+    """A one-line ``ConfigError`` unless ``params`` are valid settings of optimiser ``name``
+    (the config checks ``server.server_optimizer`` with it before any run starts)."""
+    if name not in _STRATEGIES:
+        raise ConfigError(
+            f"server optimizer must be one of {', '.join(get_args(ServerOptimizerName))}, "
+            f"got {name!r}"
+        )
+    allowed = _FEDAVGM_PARAMS if name == "fedavgm" else _FEDOPT_PARAMS
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{name} does not take {', '.join(unknown)} (it takes {', '.join(allowed)})"
+        )
+    for key, value in params.items():
+        if key in _UNIT_INTERVAL_PARAMS:
+            if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
+                raise ConfigError(f"{name}.{key} must be in [0, 1), got {value!r}")
+        else:
+            check_positive(f"{name}.{key}", value)
+
+
+def server_optimizer_aggregate(
+    current: Adapter,
+    updates: Iterable[ClientUpdate],
+    optimizer: ServerOptimizer,
+    server_lr: float = 1.0,
+    robust_norm: float | None = None,
+) -> AggregationResult:
+    """One round of a server-optimiser baseline: FedAvg's mean delta steps ``optimizer``, and
+    ``θ_{t+1} = θ_t + η_s·(step(θ_t, Δ_t) − θ_t)``.
+
+    ``server_lr`` (η_s) scales the optimiser's step as it scales FedAvg's, and the task
+    adapters are ``θ_t + η_s·Δ_τ`` as under FedAvg (``fedavg_aggregate``), so the global and
+    task adapters move by the same factor under every method. Neither Adam's moments nor
+    FedAvgM's momentum depend on the step taken, so η_s acts as ``eta·η_s`` (FedAdam, FedYogi)
+    or ``server_learning_rate·η_s`` (FedAvgM). At η_s = 1 the optimiser's adapter is kept as
+    it is (bit for bit).
+    """
+    result = fedavg_aggregate(current, updates, server_lr, robust_norm)
+    if not result.global_delta:  # nothing accepted: the adapter stays, the optimiser too
+        return result
+    stepped = optimizer.step(current, result.global_delta)
+    if server_lr != 1.0:
+        step = weighted_sum([stepped, current], [1.0, -1.0], current)
+        stepped = apply_delta(current, step, server_lr)
+    result.global_adapter = stepped
+    return result
+
+
 class FlowerServerOptimizer:
     """Runs one of Flower's server-optimiser strategies on adapters (see module docstring)."""
 
     def __init__(self, name: ServerOptimizerName, **params: float) -> None:
-        if name not in _STRATEGIES:
-            raise ConfigError(
-                f"server optimizer must be one of {', '.join(get_args(ServerOptimizerName))}, "
-                f"got {name!r}"
-            )
-        allowed = _FEDAVGM_PARAMS if name == "fedavgm" else _FEDOPT_PARAMS
-        unknown = sorted(set(params) - set(allowed))
-        if unknown:
-            raise ConfigError(
-                f"{name} does not take {', '.join(unknown)} (it takes {', '.join(allowed)})"
-            )
-        for key, value in params.items():
-            if key in _UNIT_INTERVAL_PARAMS:
-                if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
-                    raise ConfigError(f"{name}.{key} must be in [0, 1), got {value!r}")
-            else:
-                check_positive(f"{name}.{key}", value)
+        check_server_optimizer(name, params)
         self.name: ServerOptimizerName = name
         self._strategy = _STRATEGIES[name](**params)
         self._round = 0

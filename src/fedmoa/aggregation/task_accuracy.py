@@ -112,8 +112,19 @@ def accumulate_evidence(
 
 
 def accuracy_weights(updates: Sequence[ClientUpdate], t_acc: float) -> list[float]:
-    """α_k ∝ n_k·exp(a_k/T_acc) over one task's clients, in the order given (the paper's rule)."""
-    return _tempered_weights(updates, [u.accuracy for u in updates], t_acc)
+    """α_k ∝ n_k·exp(a_k/T_acc) over one task's clients, in the order given (the paper's rule).
+
+    A client that reports ``V_k = 0`` (no scored validation row) has no evidence: next to
+    peers that report outcomes it gets their pooled rate ``Σ a_l·V_l / Σ V_l``, no reward and
+    no penalty, as under the noise-aware rule. Where no client of the task reports ``V``
+    (callers that do not count), the accuracies are taken as given.
+    """
+    trials = sum(u.validation_size for u in updates)
+    if trials == 0:
+        return _tempered_weights(updates, [u.accuracy for u in updates], t_acc)
+    pooled = sum(u.accuracy * u.validation_size for u in updates) / trials
+    rates = [u.accuracy if u.validation_size > 0 else pooled for u in updates]
+    return _tempered_weights(updates, rates, t_acc)
 
 
 def noise_aware_weights(

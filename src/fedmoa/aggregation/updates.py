@@ -81,6 +81,7 @@ def sanitize(
     reference: Adapter,
     robust_norm: float | None = None,
     required_metrics: Collection[str] = (),
+    rate_accuracy: bool = True,
 ) -> tuple[list[ClientUpdate], list[Rejection]]:
     """Split updates into usable ones and rejections, logging each rejection.
 
@@ -90,7 +91,10 @@ def sanitize(
     global adapter) fixes the expected keys, shapes and dtypes: a tensor must have
     exactly its reference's dtype (the transport dtype; Flower carries bfloat16 as
     float32 and casts it back on arrival), so float64, integer or half-precision
-    tensors sent for a float32 adapter are dropped, not silently cast. Metrics must
+    tensors sent for a float32 adapter are dropped, not silently cast. The accuracy must
+    be a rate in [0, 1] where an aggregator weighs by it (``rate_accuracy``, the default);
+    otherwise (FedAvg and the other methods that only report it) any finite number, so that
+    a primary reward on another scale does not drop its client's updates. Metrics must
     include ``required_metrics`` and be real numbers, never ±inf; NaN is accepted
     only for reward means (``reward`` and ``reward/...``), where it means that no
     sample had an applicable reward. With
@@ -112,7 +116,7 @@ def sanitize(
         if id_counts[update.client_id] > 1:
             reason: str | None = f"{id_counts[update.client_id]} updates share this client_id"
         else:
-            reason = _invalid_reason(update, reference) or _metrics_reason(
+            reason = _invalid_reason(update, reference, rate_accuracy) or _metrics_reason(
                 update.metrics, required_metrics
             )
         if reason is None:
@@ -145,7 +149,9 @@ def is_real(value: object) -> TypeGuard[Real]:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _invalid_reason(update: ClientUpdate, reference: Adapter) -> str | None:
+def _invalid_reason(
+    update: ClientUpdate, reference: Adapter, rate_accuracy: bool = True
+) -> str | None:
     """The first thing wrong with an update, or None if it can be aggregated."""
     n = update.num_examples
     if n is None:
@@ -155,8 +161,10 @@ def _invalid_reason(update: ClientUpdate, reference: Adapter) -> str | None:
     a = update.accuracy
     if a is None:
         return "accuracy is missing"
-    if not is_real(a) or not 0.0 <= a <= 1.0:  # NaN fails both comparisons
+    if rate_accuracy and (not is_real(a) or not 0.0 <= a <= 1.0):  # NaN fails both
         return f"accuracy must be in [0, 1], got {a!r}"
+    if not is_real(a) or not math.isfinite(a):
+        return f"accuracy must be a finite number, got {a!r}"
     v = update.validation_size
     if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
         return f"validation_size must be a non-negative integer, got {v!r}"

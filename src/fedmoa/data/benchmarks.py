@@ -13,7 +13,8 @@ keeps the ``size`` rows whose ids hash lowest, still in file order: a fixed, rep
 clients that partition the same rows agree on them. ``split`` is ignored: these are test sets.
 
 Code sources (``mbpp``, ``humaneval``) swap the generic default system prompt, which asks for a
-``\\boxed{}`` answer, for ``CODE_SYSTEM_PROMPT``; any other system prompt (or None) is kept.
+``\\boxed{}`` answer, for ``CODE_SYSTEM_PROMPT`` when ``system_prompt`` is unset; a configured
+one ("" for none) is kept.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedmoa.data.prompts import DEFAULT_SYSTEM_PROMPT, build_prompt
+from fedmoa.data.prompts import build_prompt, question_system_prompt
 from fedmoa.data.sources import Row, register_source
 from fedmoa.errors import DataError
 
@@ -121,9 +122,10 @@ def _no_params(cfg: DataConfig) -> None:
         raise DataError(f"data source '{cfg.source}' takes no params, got {sorted(cfg.params)}")
 
 
-def _code_system_prompt(cfg: DataConfig) -> str | None:
-    """The code prompt in place of the generic default (which asks for ``\\boxed{}``)."""
-    return CODE_SYSTEM_PROMPT if cfg.system_prompt == DEFAULT_SYSTEM_PROMPT else cfg.system_prompt
+def _code_system_prompt(cfg: DataConfig) -> str:
+    """The code prompt in place of the generic default (which asks for ``\\boxed{}``) when
+    ``system_prompt`` is unset."""
+    return question_system_prompt(cfg.system_prompt, CODE_SYSTEM_PROMPT)
 
 
 # --------------------------------------------------------------------------------------- GSM8K
@@ -143,7 +145,7 @@ def load_gsm8k(cfg: DataConfig) -> list[Row]:
             final = final.replace(",", "")
         rows.append(
             {
-                "prompt": build_prompt(doc["question"], cfg.system_prompt),
+                "prompt": build_prompt(doc["question"], question_system_prompt(cfg.system_prompt)),
                 "question": doc["question"],
                 "answer": final,
                 "solution": doc["answer"],
@@ -243,7 +245,7 @@ def _math_row(doc: Doc, cfg: DataConfig, where: str, row_id: str) -> Row:
     if answer is None:
         raise DataError(f"{where}: no \\boxed{{}} answer in the solution")
     return {
-        "prompt": build_prompt(doc["problem"], cfg.system_prompt),
+        "prompt": build_prompt(doc["problem"], question_system_prompt(cfg.system_prompt)),
         "question": doc["problem"],
         "answer": answer,
         "solution": doc["solution"],

@@ -9,7 +9,6 @@ from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
 from fedmoa.data.partition import PartitionConfig
-from fedmoa.data.prompts import DEFAULT_SYSTEM_PROMPT
 from fedmoa.data.sources import SOURCES
 
 
@@ -22,7 +21,8 @@ class DataConfig:
     dataset (``None``: all of them). ``columns`` maps our column names to the file's
     (``{"question": "problem"}``). ``params`` are the reasoning-gym dataset's config kwargs (or a
     benchmark's options, e.g. MATH ``levels``). ``partition`` keeps one client's share of the
-    loaded rows (``fedmoa.data.partition``).
+    loaded rows (``fedmoa.data.partition``). ``system_prompt`` None means unset (see
+    ``fedmoa.data.prompts.question_system_prompt`` and ``as_messages``).
     """
 
     # loader: reasoning_gym, gsm8k, math, math500, mbpp, humaneval, jsonl, parquet or hub
@@ -37,8 +37,11 @@ class DataConfig:
     params: dict[str, Any] = field(default_factory=dict)
     # our column name -> the file's, e.g. { question = "problem" }
     columns: dict[str, str] = field(default_factory=dict)
-    # system message put before every question; none: no system message
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    # system message. Unset: "Solve the problem. Put the final answer in \boxed{}." (mbpp,
+    # humaneval: a code instruction) before each plain-text question, while a "prompt" column of
+    # messages is used as written, as TRL does; "": no system message at all; a text: this
+    # system message before each question and each messages prompt that starts without one
+    system_prompt: str | None = None
     seed: int = 0  # seed of generation and of the train/validation/test split
     # keep one client's share of the rows (iid, dirichlet, by_label)
     partition: PartitionConfig | None = None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmoa.data.partition import partition_rows
-from fedmoa.data.prompts import as_messages, build_prompt
+from fedmoa.data.prompts import as_messages, build_prompt, question_system_prompt
 from fedmoa.errors import DataError
 from fedmoa.jsonl import iter_jsonl
 
@@ -78,7 +78,7 @@ def _load_reasoning_gym(cfg: DataConfig) -> list[Row]:
         raise DataError(f"{where} rejected params {cfg.params}: {_one_line(exc)}") from exc
     return [
         {
-            "prompt": build_prompt(entry["question"], cfg.system_prompt),
+            "prompt": build_prompt(entry["question"], question_system_prompt(cfg.system_prompt)),
             "question": entry["question"],
             "answer": str(entry["answer"]),
             "metadata": json.dumps(entry.get("metadata", {}), default=str, sort_keys=True),
@@ -148,7 +148,7 @@ def _to_row(record: dict[str, Any], cfg: DataConfig, where: str) -> Row:
     """Rename mapped columns, build ``prompt`` and pass the other columns through.
 
     The prompt comes from ``question`` when that is mapped explicitly or there is no ``prompt``
-    column; otherwise from ``prompt`` (a string or messages).
+    column; otherwise from ``prompt`` (a string, or messages used as written: ``as_messages``).
     """
     for ours, theirs in cfg.columns.items():
         if theirs not in record:
@@ -166,7 +166,7 @@ def _to_row(record: dict[str, Any], cfg: DataConfig, where: str) -> Row:
                 f"{where}: needs a string 'question' or a 'prompt' column; "
                 "map one with columns={'question': '<column>'}"
             )
-        row["prompt"] = build_prompt(question, cfg.system_prompt)
+        row["prompt"] = build_prompt(question, question_system_prompt(cfg.system_prompt))
     else:
         row["prompt"] = as_messages(row["prompt"], cfg.system_prompt, where)
     if isinstance(row.get("answer"), int | float) and not isinstance(row["answer"], bool):

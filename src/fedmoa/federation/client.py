@@ -22,9 +22,10 @@ from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.data import load_rows, split_rows
 from fedmoa.errors import DataError
 from fedmoa.eval import evaluate_rows
-from fedmoa.federation.config import ClientConfig, ServerConfig
+from fedmoa.federation.config import TASK_ACCURACY_METHODS, ClientConfig, ServerConfig
 from fedmoa.grpo.trainer import STEP_PHASES, LocalTrainer
 from fedmoa.rewards import RewardFunc
+from fedmoa.rewards.base import CheckedRewardError, checked_call
 from fedmoa.train_local import build_reward_funcs
 from fedmoa.weighting import RewardWeighting, WeightingConfig, build_weighting
 from fedmoa.weighting.hypergradient import HypergradientWeighting
@@ -198,6 +199,7 @@ def run_client_round(
     ``time.monotonic()`` value, default now); see :class:`RoundDeadline`.
     """
     deadline = RoundDeadline(client.id, server.round_timeout, started)
+    reward_funcs = with_scale_check(reward_funcs, client.primary_reward, method)
     if next(policy.parameters()).device.type == "cpu":
         # Per thread: an engine may run this round on a thread other than the one that loaded
         # the model, and denormals must flush alike on every engine for bit-equal adapters.
@@ -243,7 +245,10 @@ def run_client_round(
         result = evaluate_rows(policy, tokenizer, validation, reward_funcs, primary, max_new)
         validation_seconds = time.perf_counter() - began
         deadline.check()  # a reward function may have run past it after the last forward
-    accuracy = result.accuracy if result.accuracy == result.accuracy else 0.0  # no rows: 0
+    # V_k counts the rows the primary scored: a row it scored None is no evidence either way,
+    # and a pass without any (V_k = 0) reports 0.0, which the server reads as no evidence.
+    validation_size = result.accuracy_rows
+    accuracy = result.accuracy if validation_size else 0.0
 
     after = adapter_state(policy)
     # Δθ as the server receives it; ``start`` already arrived through the transport
@@ -258,7 +263,7 @@ def run_client_round(
         delta=delta,
         accuracy=float(accuracy),
         metrics=metrics,
-        validation_size=len(validation),
+        validation_size=validation_size,
     )
     new_state = {"weighting": weighting.state_dict(), "sampler": trainer.sampler.state_dict()}
     return ClientRoundResult(
@@ -268,6 +273,55 @@ def run_client_round(
         transport_bytes(start, server.transport_dtype),
         transport_bytes(delta, server.transport_dtype),
     )
+
+
+class PrimaryScaleCheck:
+    """The primary reward under an accuracy-aware method, checked once to be a rate in [0, 1].
+
+    ``fedmoa`` and ``fedmoa-taa`` weigh clients by the primary's validation accuracy, and the
+    server rejects an accuracy outside [0, 1]: a primary on another scale would drop every
+    update of its client without a word. So the first call that scores a sample (in training
+    or validation, whichever comes first) is checked, on the client, and a value outside
+    [0, 1] stops the round with a one-line ``RewardError``; later calls pass straight through.
+    """
+
+    def __init__(self, name: str, func: RewardFunc, method: str) -> None:
+        self.name, self.func, self.method = name, func, method
+        self.checked = False
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any
+    ) -> list[float | None]:
+        if self.checked:
+            return self.func(prompts=prompts, completions=completions, **columns)
+        # The function's own failure policy first (``PolicyReward``), then the scale.
+        values = checked_call(self.name, self.func, prompts, completions, columns)
+        for row, value in enumerate(values):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise CheckedRewardError(
+                    f"reward {self.name!r} returned {value!r} at sample {row}, outside [0, 1]: "
+                    f"it is the primary and server.method = {self.method!r} weighs clients by "
+                    f"its validation accuracy, a rate in [0, 1]; rescale it to [0, 1] or use a "
+                    f"method that does not weigh by accuracy"
+                )
+        self.checked = any(value is not None for value in values)
+        return values
+
+    def __repr__(self) -> str:
+        return f"PrimaryScaleCheck({self.name!r}, {self.func!r})"
+
+
+def with_scale_check(
+    reward_funcs: Sequence[tuple[str, RewardFunc]], primary: str, method: str
+) -> Sequence[tuple[str, RewardFunc]]:
+    """``reward_funcs`` with the primary wrapped in :class:`PrimaryScaleCheck` when ``method``
+    weighs clients by accuracy; unchanged otherwise."""
+    if method not in TASK_ACCURACY_METHODS:
+        return reward_funcs
+    return [
+        (name, PrimaryScaleCheck(name, func, method) if name == primary else func)
+        for name, func in reward_funcs
+    ]
 
 
 REQUIRED_METRICS = ("reward", "reward/primary", "reward/aux_mean", "weight/primary", "loss")

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Collection
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
+from fedmoa.aggregation.server_optimizers import check_server_optimizer
 from fedmoa.aggregation.task_accuracy import AccuracyRule
 from fedmoa.config import (
     STRICT,
@@ -25,17 +27,20 @@ from fedmoa.config import (
     ModelConfig,
     RewardConfig,
     anchor_paths,
+    check_advantage,
     check_rewards,
     check_weight_floor,
     config_dir,
     field_path,
+    given_keys,
     parse_config,
     read_toml,
+    report_unread,
 )
 from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError
 from fedmoa.grpo.trainer import GRPOSettings
-from fedmoa.weighting.config import WeightingConfig, resolve_method
+from fedmoa.weighting.config import WeightingConfig, resolve_method, unread_keys
 
 Method = Literal[
     "fedavg",
@@ -53,6 +58,27 @@ Method = Literal[
 HYPERGRADIENT_METHODS = frozenset({"fedmoa", "fedmoa-hg"})
 TASK_ACCURACY_METHODS = frozenset({"fedmoa", "fedmoa-taa"})
 SERVER_OPTIMIZER_METHODS = frozenset({"fedadam", "fedyogi", "fedavgm"})
+_ALL_METHODS = frozenset(get_args(Method))
+# [server] keys that only some methods read. One set under another method is left over from a
+# switch of server.method (a file run with several), so it is warned about, not refused.
+SERVER_KEYS_READ: dict[str, frozenset[str]] = {
+    "server_optimizer": SERVER_OPTIMIZER_METHODS,
+    "fedprox_mu": frozenset({"fedprox"}),
+    **dict.fromkeys(
+        (
+            "t_acc",
+            "accuracy_rule",
+            "accuracy_noise_scale",
+            "accuracy_memory",
+            "max_client_share",
+            "gamma",
+        ),
+        TASK_ACCURACY_METHODS,
+    ),
+    "server_lr": _ALL_METHODS - {"local"},  # local: every client keeps its own adapter
+    # local: a client's own adapter; centralized: its one task's adapter is the global one
+    "client_init": _ALL_METHODS - {"local", "centralized"},
+}
 
 
 @dataclass(config=STRICT)
@@ -147,7 +173,8 @@ class ServerConfig:
     max_client_share: float = Field(1.0, gt=0, le=1)  # cap on α_k within a task; 1 = none
     # task-mix exponent: 0 gives every task an equal share, 1 weights tasks by samples
     gamma: float = Field(0.0, ge=0)
-    server_lr: float = Field(1.0, gt=0)  # server learning rate applied to the aggregated update
+    # server learning rate η_s: scales the aggregated update (a server optimiser's step too)
+    server_lr: float = Field(1.0, gt=0)
     # clients start a round from the global adapter or from their task's adapter
     client_init: Literal["global", "task"] = "global"
     # drop updates whose norm exceeds this many times the median norm; none: off
@@ -240,9 +267,16 @@ class ExperimentConfig:
             )
         if method == "centralized" and weighting not in ("auto", "static"):
             raise ValueError("weighting.method: the centralized baseline uses static weights")
-        dynamic = resolve_method(weighting, method) != "static"
-        for i, client in enumerate(self.clients if dynamic else []):
-            check_weight_floor(self.weighting.w_min, len(client.rewards), f"clients[{i}]")
+        if method in SERVER_OPTIMIZER_METHODS:
+            try:
+                check_server_optimizer(method, self.server.server_optimizer)
+            except ConfigError as err:
+                raise ValueError(f"server.server_optimizer: {err}") from None
+        resolved = resolve_method(weighting, method)
+        for i, client in enumerate(self.clients):
+            if resolved != "static":
+                check_weight_floor(self.weighting.w_min, len(client.rewards), f"clients[{i}]")
+            check_advantage(resolved, client.grpo.advantage, f"clients[{i}].grpo")
         return self
 
 
@@ -266,12 +300,25 @@ def merge_defaults(defaults: dict[str, Any], client: dict[str, Any]) -> dict[str
     return merged
 
 
+def unread_server_keys(server: ServerConfig, given: Collection[str]) -> list[str]:
+    """One line for each key of ``given`` (the ``[server]`` keys a file sets) that
+    ``server.method`` does not read (``SERVER_KEYS_READ``)."""
+    return [
+        f"server.{key} is ignored: server.method = {server.method!r} does not read it (read "
+        f"only by {', '.join(m for m in get_args(Method) if m in methods)})"
+        for key, methods in SERVER_KEYS_READ.items()
+        if key in given and server.method not in methods
+    ]
+
+
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read, merge ``[client_defaults]`` into each client, validate (strictly typed); errors name
     the field path, in ``[client_defaults]`` when the bad value came from there.
 
     A ``clients`` entry may be a table or the path of a client file holding that table (a data
-    owner's own file); paths inside a client file are relative to it.
+    owner's own file); paths inside a client file are relative to it. ``[weighting]`` and
+    ``[server]`` keys the run's method does not read are refused when they contradict the
+    file, and warned about once when left over from another method (``report_unread``).
     """
     data = read_toml(path)
     legacy = "hypergradient" in data
@@ -309,7 +356,16 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
                 return f"{files[loc[1]]}: {field_path(loc[2:])} (clients[{loc[1]}])"
         return field_path(loc)
 
-    return parse_config(data, ExperimentConfig, str(path), strict=True, locate=locate)
+    cfg = parse_config(data, ExperimentConfig, str(path), strict=True, locate=locate)
+    table = "hypergradient" if legacy else "weighting"
+    report_unread(
+        str(path),
+        lambda: [
+            *unread_keys(cfg.weighting, given_keys(data, "weighting"), cfg.server.method, table),
+            *unread_server_keys(cfg.server, given_keys(data, "server")),
+        ],
+    )
+    return cfg
 
 
 def load_client_file(path: str | Path) -> ClientConfig:
@@ -322,17 +378,20 @@ def load_client_file(path: str | Path) -> ClientConfig:
 
 def check_client_fits(cfg: ExperimentConfig, client: ClientConfig, where: str) -> None:
     """What ``ExperimentConfig`` checks for a listed client, for one that came from its own
-    file: its task is accepted and the weight floor fits its objectives."""
+    file: its task is accepted, the weight floor fits its objectives and its advantage mode
+    suits the weighting."""
     tasks = cfg.server.tasks
     if tasks is not None and client.task not in tasks:
         raise ConfigError(
             f"{where}: task = {client.task!r} is not in the server's tasks ({', '.join(tasks)})"
         )
-    if resolve_method(cfg.weighting.method, cfg.server.method) != "static":
-        try:
+    weighting = resolve_method(cfg.weighting.method, cfg.server.method)
+    try:
+        if weighting != "static":
             check_weight_floor(cfg.weighting.w_min, len(client.rewards), where)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_advantage(weighting, client.grpo.advantage, f"{where}: grpo")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def read_client_file(entry: str, experiment: str | Path, index: int) -> tuple[Path, dict[str, Any]]:

@@ -23,6 +23,7 @@ from fedmoa.aggregation import (
     accumulate_evidence,
     fedavg_aggregate,
     make_server_optimizer,
+    server_optimizer_aggregate,
     task_accuracy_aggregate,
 )
 from fedmoa.aggregation.updates import apply_delta, sanitize
@@ -111,7 +112,8 @@ class FederatedServer:
     ) -> AggregationResult:
         """Next global and task adapters from the replies.
 
-        Updates are sanitised first (``sanitize``: tensors, accuracy, the metrics of
+        Updates are sanitised first (``sanitize``: tensors, accuracy (a rate in [0, 1] under
+        the methods that weigh by it, any finite number otherwise), the metrics of
         :data:`REQUIRED_METRICS`, ``robust_norm``); each rejection is logged with the
         client id and returned in ``result.rejected``. With fewer usable updates than
         ``server.min_clients`` (capped at the number of learners sampled) the round
@@ -120,7 +122,13 @@ class FederatedServer:
         """
         server = self.cfg.server
         current = self.state.global_adapter
-        accepted, rejected = sanitize(updates, current, server.robust_norm, REQUIRED_METRICS)
+        accepted, rejected = sanitize(
+            updates,
+            current,
+            server.robust_norm,
+            REQUIRED_METRICS,
+            rate_accuracy=self.method in TASK_ACCURACY_METHODS,
+        )
         needed = min(server.min_clients, len(plan.starts))
         if len(accepted) < needed:
             dropped = len(plan.starts) - len(updates)
@@ -150,10 +158,10 @@ class FederatedServer:
             evidence = accumulate_evidence(self.state.accuracy_evidence, accepted, settings.memory)
             result = task_accuracy_aggregate(current, accepted, settings, evidence=evidence)
             self.state.accuracy_evidence = evidence
+        elif self.optimizer is not None:
+            result = server_optimizer_aggregate(current, accepted, self.optimizer, server.server_lr)
         else:
             result = fedavg_aggregate(current, accepted, server.server_lr)
-            if self.optimizer is not None and result.global_delta:
-                result.global_adapter = self.optimizer.step(current, result.global_delta)
         result.rejected = rejected + result.rejected
         self.state.global_adapter = result.global_adapter
         self.state.task_adapters.update(result.task_adapters)

@@ -7,6 +7,8 @@ changes what trains.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Collection
 from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -64,3 +66,48 @@ def resolve_method(configured: WeightingMethod, run_method: str | None) -> str:
     if configured != "auto":
         return configured
     return "hypergradient" if run_method in ("fedmoa", "fedmoa-hg") else "static"
+
+
+# The keys (``method`` aside) each weighting reads; PERSISTENT_KEYS only under the persistent rule.
+PERSISTENT_KEYS = ("ema", "momentum", "saturation_window", "saturation_decay")
+KEYS_READ: dict[str, frozenset[str]] = {
+    "static": frozenset(),
+    "saw": frozenset({"w_min", "smoothing"}),
+    "variance": frozenset({"w_min", "smoothing"}),
+    "hypergradient": frozenset(
+        {"rule", "eta", "w_min", "anchor", "probe", "carry_across_rounds", *PERSISTENT_KEYS}
+    ),
+}
+
+
+def unread_keys(
+    cfg: WeightingConfig, given: Collection[str], run_method: str | None, table: str = "weighting"
+) -> list[str]:
+    """Why each key in ``given`` (the keys the file sets) does nothing, as one line each.
+
+    A key that contradicts the table itself raises ``ValueError``: one of the persistent rule
+    under ``rule = "cosine"``, or one that the explicitly chosen ``method`` does not read. A
+    key unread only because ``method = "auto"`` resolves to another weighting for this run
+    (settings kept while switching ``server.method``, e.g. fedmoa to fedavg) is returned, for
+    the caller to warn about. ``table`` is the name the file uses (``hypergradient``, older).
+    """
+    method = resolve_method(cfg.method, run_method)
+    notes = []
+    for key in (f.name for f in dataclasses.fields(cfg) if f.name in given and f.name != "method"):
+        if key in PERSISTENT_KEYS and cfg.rule == "cosine":
+            raise ValueError(
+                f"{table}.{key}: only the persistent rule reads it, and {table}.rule = 'cosine'"
+            )
+        if key in KEYS_READ[method]:
+            continue
+        readers = f"read only by {', '.join(m for m, keys in KEYS_READ.items() if key in keys)}"
+        if cfg.method != "auto":
+            raise ValueError(
+                f"{table}.{key}: weighting.method = {method!r} does not read it ({readers})"
+            )
+        run = f"server.method = {run_method!r}" if run_method else "train-local"
+        notes.append(
+            f"{table}.{key} is ignored: weighting.method = 'auto' is {method!r} under {run} "
+            f"({readers})"
+        )
+    return notes
