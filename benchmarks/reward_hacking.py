@@ -11,8 +11,9 @@ written here from the verifier's definition (the exact final number for math; a 
 reference in points, is what the policy got paid for and did not do; examples of the completions
 behind it are printed. Target: a gap of at most 2 points for every verifier in its default mode.
 
-Tasks: one-digit sums and differences (reasoning-gym ``basic_arithmetic``, 2 terms) and chains
-of 2-3 one-digit terms (``chain_sum``), trained on data seed 11 and tested on rows of seed 12.
+Tasks: one-digit sums (reasoning-gym ``basic_arithmetic``, 2 terms, ``+``; it still draws
+negative operands) and sums and differences of two one-digit terms (``chain_sum``), trained on
+data seed 11 and tested on rows of seed 12.
 Each finished run is written to ``--out`` as JSON and skipped when the command is run again, so an
 interrupted benchmark resumes.
 
@@ -144,9 +145,9 @@ CASES: dict[str, Case] = {
 TASKS: dict[str, tuple[str, dict[str, Any]]] = {
     "sums": (
         "basic_arithmetic",
-        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-"]},
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"]},
     ),
-    "chains": ("chain_sum", {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}),
+    "chains": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
 }
 
 
