@@ -57,7 +57,7 @@ from fedmoa.models import (
     resolve_device,
     resolve_dtype,
 )
-from fedmoa.weighting.hypergradient import select_probe_params
+from fedmoa.weighting.probe import select_probe_params
 
 TRANSPORTS = ("float32", "float16", "bfloat16")
 RUNS = (

@@ -384,3 +384,23 @@ def _anchored_reward(spec: Any, base: Path) -> Any:
     if not sep or not source.endswith(".py"):
         return spec  # a built-in name or package.module:function
     return f"{_anchored(source, base)}:{name}"
+
+
+# Free-form tables (a dataset's own kwargs, a column mapping) replace the default whole:
+# merging two datasets' kwargs would mix options that belong to different generators.
+OPAQUE_TABLES = frozenset({"params", "columns"})
+
+
+def merge_defaults(defaults: dict[str, Any], client: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``defaults`` under ``client``; the client's own values win, lists replace."""
+    merged = dict(defaults)
+    for key, value in client.items():
+        if (
+            key not in OPAQUE_TABLES
+            and isinstance(value, dict)
+            and isinstance(merged.get(key), dict)
+        ):
+            merged[key] = merge_defaults(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

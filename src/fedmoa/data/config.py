@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import field
 from typing import Any
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from fedmoa.data.partition import PartitionConfig
@@ -52,3 +53,19 @@ class DataConfig:
         if value not in SOURCES:
             raise ValueError(f"unknown data source {value!r}; known: {', '.join(sorted(SOURCES))}")
         return value
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class SplitConfig:
+    """Fractions of a client's rows for train / validation / test (disjoint, seeded)."""
+
+    train: float = Field(0.8, gt=0, le=1)  # fraction of the rows for training
+    # fraction for validation (the accuracy a_k a client reports)
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)  # fraction for test evaluation
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        if not math.isclose(self.train + self.validation + self.test, 1.0, abs_tol=1e-6):
+            raise ValueError("train + validation + test must sum to 1")
+        return self

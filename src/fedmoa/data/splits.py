@@ -1,13 +1,16 @@
-"""Deterministic train/validation/test splits."""
+"""Deterministic train/validation/test splits, and a data owner's rows loaded and split."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from fedmoa.errors import ConfigError
+from fedmoa.data.config import DataConfig, SplitConfig
+from fedmoa.data.sources import load_rows
+from fedmoa.errors import ConfigError, DataError
 
 T = TypeVar("T")
 
@@ -30,3 +33,31 @@ def split_rows(
     n_train_val = round((fractions[0] + fractions[1]) * len(rows))
     train, val, test = order[:n_train], order[n_train:n_train_val], order[n_train_val:]
     return ([rows[i] for i in train], [rows[i] for i in val], [rows[i] for i in test])
+
+
+@dataclass
+class ClientData:
+    """One data owner's rows: what trains, what it reports accuracy on, what it is tested on."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+
+
+def load_split(data: DataConfig, split: SplitConfig, owner: str) -> ClientData:
+    """``data``'s rows split by ``split`` (seeded by ``data.seed``): disjoint and the same in
+    every process. Every error starts with ``owner`` (e.g. "client 'a' (clients[2].data)"); no
+    rows, an empty partition or an empty train split is an error."""
+    try:
+        rows = load_rows(data)
+    except DataError as err:
+        raise DataError(f"{owner}: {err}") from err
+    train, validation, test = split_rows(
+        rows, (split.train, split.validation, split.test), seed=data.seed
+    )
+    if not train:
+        raise DataError(
+            f"{owner}: empty train split: split.train = {split.train} "
+            f"of {len(rows)} rows rounds to 0; load more rows or raise split.train"
+        )
+    return ClientData(train, validation, test)

@@ -33,13 +33,14 @@ from fedmoa.config import (
     RewardConfig,
     check_rewards,
     load_config,
+    merge_defaults,
     parse_config,
 )
-from fedmoa.data import DataConfig, load_rows
+from fedmoa.data import DataConfig, SplitConfig, load_rows, load_split
 from fedmoa.errors import DataError, FedMOAError, ModelLoadError
 from fedmoa.eval.evaluate import evaluate_rows
-from fedmoa.federation.config import SplitConfig, merge_defaults
 from fedmoa.runs import write_json_atomic
+from fedmoa.train_local import build_reward_funcs
 
 Row = dict[str, Any]
 # (rows done, rows in all): once with 0 when decoding starts, then after every batch.
@@ -248,18 +249,9 @@ def select_rows(cfg: EvalConfig) -> list[Row]:
     if cfg.split is None:
         rows = load_rows(cfg.data)
     else:
-        from fedmoa.federation.client import load_client_data
-        from fedmoa.federation.config import ClientConfig
-
         split = cfg.split
-        client = ClientConfig(
-            id="eval",
-            task="eval",
-            rewards=list(cfg.rewards),
-            data=cfg.data,
-            split=SplitConfig(train=split.train, validation=split.validation, test=split.test),
-        )
-        rows = getattr(load_client_data(client), split.use)
+        fractions = SplitConfig(train=split.train, validation=split.validation, test=split.test)
+        rows = getattr(load_split(cfg.data, fractions, "data"), split.use)
         if not rows:
             raise DataError(f"the {split.use} split is empty: raise split.{split.use} or data.size")
     return rows[: cfg.limit] if cfg.limit is not None else rows
@@ -267,8 +259,6 @@ def select_rows(cfg: EvalConfig) -> list[Row]:
 
 def run_eval(cfg: EvalConfig, progress: ProgressFn | None = None) -> EvalReport:
     """Load, decode greedily, score every objective, write ``results.json`` and ``samples.csv``."""
-    from fedmoa.train_local import build_reward_funcs
-
     began = time.perf_counter()
     reward_funcs = build_reward_funcs(cfg.rewards)  # fail fast, before anything slow loads
     if cfg.adapter is not None:

@@ -19,8 +19,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedmoa.aggregation import Adapter, ClientUpdate
-from fedmoa.data import load_rows, split_rows
-from fedmoa.errors import DataError
+from fedmoa.data import ClientData, load_split
 from fedmoa.eval import evaluate_rows
 from fedmoa.federation.config import TASK_ACCURACY_METHODS, ClientConfig, ServerConfig
 from fedmoa.grpo.trainer import STEP_PHASES, LocalTrainer
@@ -30,36 +29,11 @@ from fedmoa.train_local import build_reward_funcs
 from fedmoa.weighting import RewardWeighting, WeightingConfig, build_weighting
 from fedmoa.weighting.hypergradient import HypergradientWeighting
 
-Row = dict[str, Any]
-
-
-@dataclass
-class ClientData:
-    train: list[Row]
-    validation: list[Row]
-    test: list[Row]
-
 
 def load_client_data(client: ClientConfig, field: str = "data") -> ClientData:
-    """The client's private rows, split deterministically into disjoint train/validation/test.
-
-    Every data error names the client and ``field`` (its config path, e.g. ``clients[2].data``);
-    no rows, an empty partition or an empty train split is an error.
-    """
-    try:
-        rows = load_rows(client.data)
-    except DataError as err:
-        raise DataError(f"client {client.id!r} ({field}): {err}") from err
-    split = client.split
-    train, validation, test = split_rows(
-        rows, (split.train, split.validation, split.test), seed=client.data.seed
-    )
-    if not train:
-        raise DataError(
-            f"client {client.id!r} ({field}): empty train split: split.train = {split.train} "
-            f"of {len(rows)} rows rounds to 0; load more rows or raise split.train"
-        )
-    return ClientData(train, validation, test)
+    """The client's private rows, split deterministically into disjoint train/validation/test;
+    every data error names the client and ``field`` (its config path, e.g. ``clients[2].data``)."""
+    return load_split(client.data, client.split, f"client {client.id!r} ({field})")
 
 
 def stable_seed(*parts: object) -> int:

@@ -8,7 +8,6 @@ shared settings are written once.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Collection
 from dataclasses import field
@@ -21,6 +20,7 @@ from pydantic.dataclasses import dataclass
 from fedmoa.aggregation.server_optimizers import check_server_optimizer
 from fedmoa.aggregation.task_accuracy import AccuracyRule
 from fedmoa.config import (
+    OPAQUE_TABLES,
     STRICT,
     Location,
     LoraConfig,
@@ -33,11 +33,12 @@ from fedmoa.config import (
     config_dir,
     field_path,
     given_keys,
+    merge_defaults,
     parse_config,
     read_toml,
     report_unread,
 )
-from fedmoa.data import DataConfig
+from fedmoa.data import DataConfig, SplitConfig
 from fedmoa.errors import ConfigError
 from fedmoa.grpo.trainer import GRPOSettings
 from fedmoa.weighting.config import WeightingConfig, resolve_method, unread_keys
@@ -79,22 +80,6 @@ SERVER_KEYS_READ: dict[str, frozenset[str]] = {
     # local: a client's own adapter; centralized: its one task's adapter is the global one
     "client_init": _ALL_METHODS - {"local", "centralized"},
 }
-
-
-@dataclass(config=STRICT)
-class SplitConfig:
-    """Fractions of a client's rows for train / validation / test (disjoint, seeded)."""
-
-    train: float = Field(0.8, gt=0, le=1)  # fraction of the rows for training
-    # fraction for validation (the accuracy a_k a client reports)
-    validation: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.1, ge=0, lt=1)  # fraction for test evaluation
-
-    @model_validator(mode="after")
-    def _sums_to_one(self) -> SplitConfig:
-        if not math.isclose(self.train + self.validation + self.test, 1.0, abs_tol=1e-6):
-            raise ValueError("train + validation + test must sum to 1")
-        return self
 
 
 @dataclass(config=STRICT)
@@ -278,26 +263,6 @@ class ExperimentConfig:
                 check_weight_floor(self.weighting.w_min, len(client.rewards), f"clients[{i}]")
             check_advantage(resolved, client.grpo.advantage, f"clients[{i}].grpo")
         return self
-
-
-# Free-form tables (a dataset's own kwargs, a column mapping) replace the default whole:
-# merging two datasets' kwargs would mix options that belong to different generators.
-OPAQUE_TABLES = frozenset({"params", "columns"})
-
-
-def merge_defaults(defaults: dict[str, Any], client: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``defaults`` under ``client``; the client's own values win, lists replace."""
-    merged = dict(defaults)
-    for key, value in client.items():
-        if (
-            key not in OPAQUE_TABLES
-            and isinstance(value, dict)
-            and isinstance(merged.get(key), dict)
-        ):
-            merged[key] = merge_defaults(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def unread_server_keys(server: ServerConfig, given: Collection[str]) -> list[str]:

@@ -10,7 +10,8 @@ from fedmoa.weighting.base import (
 from fedmoa.weighting.batch_statistics import SAWWeighting, VarianceWeighting
 from fedmoa.weighting.build import build_weighting
 from fedmoa.weighting.config import WeightingConfig, resolve_method
-from fedmoa.weighting.hypergradient import HypergradientWeighting, select_probe_params
+from fedmoa.weighting.hypergradient import HypergradientWeighting
+from fedmoa.weighting.probe import select_probe_params
 from fedmoa.weighting.static import StaticWeighting
 
 __all__ = [
