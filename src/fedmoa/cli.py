@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedmoa.errors import FedMOAError
+from fedmoa.errors import FedMOAError, one_line
 
 app = typer.Typer(
     help="Federated GRPO for reasoning LLMs under heterogeneous rewards.", no_args_is_help=True
@@ -38,7 +38,7 @@ def fail(err: FedMOAError) -> None:
     """User errors: one red line, no traceback, exit status 2."""
     from rich.markup import escape  # "[[clients]]" in a message is text, not markup
 
-    message = " ".join(str(err).split())  # one line, even when it quotes a value with newlines
+    message = one_line(err)  # one line, even when it quotes a value with newlines
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 

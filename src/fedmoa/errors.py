@@ -26,3 +26,8 @@ class RewardError(FedMOAError):
 
 class DataError(FedMOAError):
     """A data file or data source is unusable (names the file or source)."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """A (possibly multi-line) message collapsed to one line, as every user-facing error is."""
+    return " ".join(str(error).split()) or "(no message)"

@@ -249,11 +249,10 @@ def select_rows(cfg: EvalConfig) -> list[Row]:
     if cfg.split is None:
         rows = load_rows(cfg.data)
     else:
-        split = cfg.split
-        fractions = SplitConfig(train=split.train, validation=split.validation, test=split.test)
-        rows = getattr(load_split(cfg.data, fractions, "data"), split.use)
+        use = cfg.split.use
+        rows = getattr(load_split(cfg.data, cfg.split, "data"), use)
         if not rows:
-            raise DataError(f"the {split.use} split is empty: raise split.{split.use} or data.size")
+            raise DataError(f"the {use} split is empty: raise split.{use} or data.size")
     return rows[: cfg.limit] if cfg.limit is not None else rows
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fedmoa.errors import FedMOAError
+from fedmoa.errors import FedMOAError, one_line
 
 PATTERN = "round-{:04d}.pt"
 
@@ -47,7 +47,7 @@ def latest_checkpoint(directory: Path) -> dict[str, Any] | None:
             if not isinstance(state, dict) or not {"completed_round", "rng"} <= state.keys():
                 raise ValueError("not a fedmoa checkpoint")
         except Exception as err:  # a truncated or corrupt file: fall back to the previous one
-            message = " ".join(str(err).split())[:200]
+            message = one_line(err)[:200]
             errors.append(f"{path.name} ({type(err).__name__}: {message})")
             continue
         torch.set_rng_state(state["rng"]["torch"])

@@ -24,7 +24,7 @@ from typing import Any
 
 from fedmoa.aggregation import Adapter, AggregationResult, ClientUpdate
 from fedmoa.aggregation.updates import apply_delta
-from fedmoa.errors import ConfigError, FedMOAError
+from fedmoa.errors import ConfigError, FedMOAError, one_line
 from fedmoa.federation.centralized import CENTRAL_ID, pooled_client
 from fedmoa.federation.checkpoint import latest_checkpoint, save_checkpoint
 from fedmoa.federation.client import (
@@ -175,7 +175,7 @@ class EmbeddedFederation:
                     server_round=server_round,
                 )
             except Exception as err:  # a crash or a ClientTimeout: this client only
-                reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+                reason = one_line(f"{type(err).__name__}: {err}")
                 logger.warning("round %d: client %r failed: %s", server_round, client_id, reason)
                 records.append(failed_client_record(server_round, client_id, reason))
                 if on_client is not None:

@@ -53,7 +53,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedmoa.aggregation import Adapter, ClientUpdate
-from fedmoa.errors import ConfigError, FedMOAError
+from fedmoa.errors import ConfigError, FedMOAError, one_line
 from fedmoa.federation.client import TRANSPORT_DTYPES, objective_metrics, run_client_round
 from fedmoa.federation.config import ExperimentConfig, load_experiment
 from fedmoa.federation.embedded import (
@@ -416,8 +416,8 @@ class FedMOAStrategy(Strategy):
                 )
             except Exception as err:  # one client failing fails the round for itself only
                 named = f"{type(err).__name__}: {err}"
-                text = str(err) if isinstance(err, FedMOAError) else named
-                reason = " ".join(text.split())  # one line: a Ray error reply spans several
+                # one line: a Ray error reply spans several
+                reason = one_line(err if isinstance(err, FedMOAError) else named)
                 logger.warning("round %d: client %r failed: %s", server_round, client_id, reason)
                 records.append(failed_client_record(server_round, client_id, reason))
                 continue
@@ -502,7 +502,7 @@ class FedMOAStrategy(Strategy):
                     "round %d: client %r failed to evaluate: %s",
                     server_round,
                     client_id,
-                    " ".join(reply.error.reason.split()),
+                    one_line(reply.error.reason),
                 )
                 continue
             scores[client_id] = {k: float(v) for k, v in reply.content[METRICS].items()}
@@ -547,8 +547,9 @@ def discover_clients(
                     if reply is None:
                         raise FedMOAError(f"node {node}: no reply to the query ({node_timeout:g}s)")
                     if reply.has_error():
-                        reason = " ".join(reply.error.reason.split())
-                        raise FedMOAError(f"node {node}: error reply: {reason}")
+                        raise FedMOAError(
+                            f"node {node}: error reply: {one_line(reply.error.reason)}"
+                        )
                     entry = admit(node, dict(reply.content[IDENTITY]), cfg, roster)
                 except FedMOAError as err:
                     logger.warning("refused %s", err)
@@ -671,7 +672,7 @@ def identify(message: Message, context: Context) -> Message:
     try:
         record = identity(node_client(message, context))
     except FedMOAError as err:
-        record = {"error": " ".join(str(err).split())}
+        record = {"error": one_line(err)}
     return Message(RecordDict({IDENTITY: ConfigRecord(record)}), reply_to=message)
 
 

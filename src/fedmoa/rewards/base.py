@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from fedmoa.errors import RewardError
+from fedmoa.errors import RewardError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +242,3 @@ def _failing_sample(
         except Exception:
             return i
     return None
-
-
-def one_line(error: BaseException | str) -> str:
-    """Collapses a (possibly multi-line) message so that every RewardError stays on one line."""
-    return " ".join(str(error).split()) or "(no message)"
