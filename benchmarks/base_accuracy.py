@@ -6,7 +6,7 @@ policy is the base model) and calls its own evaluation once, before any training
 figures are comparable to a run's ``eval`` records to the row.
 
     .venv/bin/python benchmarks/base_accuracy.py benchmarks/qwen_gsm8k_mbpp.toml \
-        --json benchmarks/qwen_runs/base.json
+        --json benchmarks/records/qwen/base.json
 """
 
 from __future__ import annotations

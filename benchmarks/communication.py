@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def model_sizes(name: str) -> dict[str, Any]:
     """Parameter and adapter sizes of ``name`` as the engines build it (CPU, dtype "auto")."""
-    from fedmoa.federation.flower_app import adapter_to_record
+    from fedmoa.federation.flower.records import adapter_to_record
 
     train_dtype = resolve_dtype("auto", resolve_device("cpu"))
     began = time.perf_counter()

@@ -18,7 +18,7 @@ Reports each side's seconds, its ratio to ``embedded`` (target for ``deployment`
 <= 1.15), model builds per node, and the largest difference of the global adapter from
 the embedded one.
 
-    python benchmarks/deployment.py --out benchmarks/deployment_runs --json benchmarks/deployment_runs/results.json
+    python benchmarks/deployment.py --out benchmarks/records/deployment --json benchmarks/records/deployment/results.json
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any
 import _common
 from safetensors.torch import load_file
 
-from fedmoa.federation.local_deployment import BIN, LocalDeployment, NodeSpec
-from fedmoa.federation.node import MODEL_BUILD_LOG
+from fedmoa.federation.flower.deployment import BIN, LocalDeployment, NodeSpec
+from fedmoa.federation.flower.node import MODEL_BUILD_LOG
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "deployment"

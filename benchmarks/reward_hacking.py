@@ -166,7 +166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=3, help="completions shown per gap")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--out", type=Path, help="run records (default: benchmarks/reward_hacking_runs)"
+        "--out", type=Path, help="run records (default: benchmarks/records/reward_hacking)"
     )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=0)
@@ -180,7 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.out = (
             Path(tempfile.mkdtemp(prefix="reward-hacking-smoke-"))
             if args.smoke
-            else HERE / "reward_hacking_runs"
+            else HERE / "records" / "reward_hacking"
         )
     return args
 

@@ -8,7 +8,7 @@ The Flower engine must run 100 SuperNodes on this machine.
 Every configuration is a generated experiment file (tiny random model; every client a small
 reasoning-gym partition with its own data seed, two tasks and two reward variants) run in a
 fresh child process through the library API (``EmbeddedFederation.run_rounds``, or
-``flower_app.run_simulation``, which is what ``fedmoa run [--engine flower]`` calls). It prints:
+``flower.simulation.run_simulation``, which is what ``fedmoa run [--engine flower]`` calls). It prints:
 
 1. per configuration: peak RSS (``VmHWM`` of the child; for Flower also the sampled peak of the
    sum over the child's whole process session: driver, Ray's daemons and actors), its ratio to
@@ -273,7 +273,7 @@ def child_main(spec_path: Path) -> None:
         federation.evaluate = timed_evaluate  # type: ignore[method-assign]
         federation.run_rounds(on_round)
     else:
-        from fedmoa.federation.flower_app import run_simulation
+        from fedmoa.federation.flower.simulation import run_simulation
 
         run_simulation(experiment_path, run_dir, on_round=on_round)
         figures["init_s"] = float("nan")  # inside round 1: Ray, actors, node discovery

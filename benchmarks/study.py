@@ -3,7 +3,7 @@
 Why a script: the study is 15+ runs that take hours on a CPU, so it must survive being stopped.
 Each run lives in ``OUT/<method>-seed<N>``; a finished run (``summary.json``) is skipped and an
 interrupted one continues with ``fedmoa run --resume``, so rerunning the same command picks up
-where the last one stopped, across sessions. The default ``OUT`` is ``benchmarks/study_runs``,
+where the last one stopped, across sessions. The default ``OUT`` is ``benchmarks/records/study``,
 committed without its checkpoints and adapters (``.gitignore``): finished runs travel with the
 repository, and a run interrupted on another machine starts again from round 1.
 
@@ -39,7 +39,7 @@ FEDMOA = [sys.executable, "-m", "fedmoa.cli"]
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--out", type=Path, default=HERE / "study_runs")
+    parser.add_argument("--out", type=Path, default=HERE / "records" / "study")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--model", help="override [model] name, e.g. a local path")

@@ -87,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        help="run records (default: benchmarks/weighting_runs; a temp dir with --smoke)",
+        help="run records (default: benchmarks/records/weighting; a temp dir with --smoke)",
     )
     parser.add_argument("--png", type=Path, default=None, help="default: OUT/weights.png")
     parser.add_argument("--dtype", default="auto")
@@ -102,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.out = (
             Path(tempfile.mkdtemp(prefix="weighting-smoke-"))
             if args.smoke
-            else HERE / "weighting_runs"
+            else HERE / "records" / "weighting"
         )
     args.png = args.png or args.out / "weights.png"
     return args

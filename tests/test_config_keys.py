@@ -332,7 +332,7 @@ def test_keys_the_run_reads_load_silently(tmp_path: Path, caplog: pytest.LogCapt
 def test_settings_sent_to_nodes_are_not_refused(tmp_path: Path) -> None:
     """What a node validates again is ``dataclasses.asdict`` of the config, which has every key;
     only the keys a file sets count."""
-    from fedmoa.federation.node import settings_from_json, shared_settings
+    from fedmoa.federation.flower.node import settings_from_json, shared_settings
 
     path = experiment(tmp_path, weighting='[weighting]\nrule = "cosine"')
     cfg = load_experiment(path)

@@ -42,14 +42,9 @@ from fedmoa.federation.config import (
     load_experiment,
 )
 from fedmoa.federation.embedded import EmbeddedFederation
-from fedmoa.federation.flower_app import (
-    EXPERIMENT_KEY,
-    METRICS,
-    RUN_DIR_KEY,
-    adapter_to_record,
-    record_to_adapter,
-    serve,
-)
+from fedmoa.federation.flower.records import METRICS, adapter_to_record, record_to_adapter
+from fedmoa.federation.flower.server_app import serve
+from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY
 from fedmoa.federation.server import FederatedServer
 from fedmoa.runs import RunDirectory
 from test_flower import LoopbackGrid, reap_session
@@ -656,18 +651,19 @@ from flwr.app import Array
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from fedmoa.federation import flower_app as fa
+from fedmoa.federation.flower import client_app as apps, records, settings
+from fedmoa.federation.flower.server_app import build_server_app
 
 experiment, run_dir, home = (Path(a) for a in sys.argv[1:4])
-run_config = {fa.EXPERIMENT_KEY: str(experiment), fa.RUN_DIR_KEY: str(run_dir)}
+run_config = {settings.EXPERIMENT_KEY: str(experiment), settings.RUN_DIR_KEY: str(run_dir)}
 
 
 def train(message, context):
     # The real ClientApp; the reply of client "nan" then gets a NaN in one tensor.
-    reply = fa.train(message, context)
-    if message.content[fa.ROUND_CONFIG]["client-id"] == "nan":
-        adapter = reply.content[fa.ADAPTER]
-        name = fa.PACKED + "float32"  # every LoRA tensor, flattened
+    reply = apps.train(message, context)
+    if message.content[records.ROUND_CONFIG]["client-id"] == "nan":
+        adapter = reply.content[records.ADAPTER]
+        name = records.PACKED + "float32"  # every LoRA tensor, flattened
         tensor = torch.from_numpy(adapter[name].numpy()).clone()
         tensor.view(-1)[0] = float("nan")
         adapter[name] = Array(tensor)
@@ -675,12 +671,12 @@ def train(message, context):
 
 
 client_app = ClientApp()
-client_app.train()(fa._with_run_config(train, run_config))
-client_app.query()(fa._with_run_config(fa.identify, run_config))
+client_app.train()(settings.with_run_config(train, run_config))
+client_app.query()(settings.with_run_config(apps.identify, run_config))
 summaries = []
-with fa.flower_environment(home):
+with settings.flower_environment(home):
     run_simulation(
-        server_app=fa.build_server_app(run_config, on_finish=summaries.append),
+        server_app=build_server_app(run_config, on_finish=summaries.append),
         client_app=client_app,
         num_supernodes=int(sys.argv[4]),
         # One Ray actor per client, so that the clients run side by side (this machine may

@@ -10,7 +10,8 @@ from flwr.app import Context, RecordDict
 from fedmoa.errors import ConfigError
 from fedmoa.federation.config import load_experiment
 from fedmoa.federation.evaluation import aggregate_evaluation, weighted_mean
-from fedmoa.federation.flower_app import EXPERIMENT_KEY, RUN_DIR_KEY, serve
+from fedmoa.federation.flower.server_app import serve
+from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY
 from fedmoa.runs import RunDirectory
 from test_embedded import run_embedded, write_experiment
 from test_flower import LoopbackGrid, task_identity, torch_threads

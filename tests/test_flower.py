@@ -23,19 +23,18 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedmoa.cli import app
-from fedmoa.federation import flower_app
-from fedmoa.federation.flower_app import (
-    EXPERIMENT_KEY,
+from fedmoa.federation.flower import client_app, records
+from fedmoa.federation.flower.deployment import LocalDeployment, NodeSpec
+from fedmoa.federation.flower.node import MODEL_BUILD_LOG
+from fedmoa.federation.flower.records import (
     METRIC_KEYS,
-    RUN_DIR_KEY,
     adapter_to_record,
     record_to_adapter,
     records_to_state,
-    serve,
     state_to_records,
 )
-from fedmoa.federation.local_deployment import LocalDeployment, NodeSpec
-from fedmoa.federation.node import MODEL_BUILD_LOG
+from fedmoa.federation.flower.server_app import serve
+from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY
 from fedmoa.runs import RunDirectory
 from test_embedded import EXPERIMENT, USER_REWARD, run_embedded, write_experiment
 
@@ -209,8 +208,8 @@ class LoopbackGrid:
             if kind == "train" and node in self.failing:
                 replies.append(Message(Error(code=0, reason="out of memory"), reply_to=message))
                 continue
-            handlers = {"train": flower_app.train, "query": flower_app.identify}
-            handler = handlers.get(kind, flower_app.evaluate)  # looked up late: tests spy on it
+            handlers = {"train": client_app.train, "query": client_app.identify}
+            handler = handlers.get(kind, client_app.evaluate)  # looked up late: tests spy on it
             replies.append(handler(message, self.contexts[node]))
         return replies
 
@@ -274,17 +273,17 @@ def test_evaluation_runs_on_the_clients_and_matches_the_embedded_engine(
 
     evaluated: list[tuple[int, str, list[str]]] = []
     replies: list[list[str]] = []
-    original = flower_app.evaluate
+    original = client_app.evaluate
 
     def spy(message, context):
-        rounds = int(message.content[flower_app.ROUND_CONFIG]["server-round"])
-        client = str(message.content[flower_app.ROUND_CONFIG]["client-id"])
+        rounds = int(message.content[records.ROUND_CONFIG]["server-round"])
+        client = str(message.content[records.ROUND_CONFIG]["client-id"])
         evaluated.append((rounds, client, sorted(message.content.array_records)))
         reply = original(message, context)
         replies.append(sorted(reply.content.keys()))
         return reply
 
-    monkeypatch.setattr(flower_app, "evaluate", spy)
+    monkeypatch.setattr(client_app, "evaluate", spy)
 
     def server_must_not(*args, **kwargs):
         raise AssertionError("the ServerApp opened a client's data or reward code")
@@ -306,9 +305,9 @@ def test_evaluation_runs_on_the_clients_and_matches_the_embedded_engine(
     with torch_threads(1):
         serve(grid, context)
     clients = ["math-a", "math-b", "chain"]
-    sent = [f"{flower_app.ADAPTER}/{k}" for k in ("global", "local_model", "personal")]
+    sent = [f"{records.ADAPTER}/{k}" for k in ("global", "local_model", "personal")]
     assert evaluated == [(0, c, sent[::2]) for c in clients] + [(1, c, sent) for c in clients]
-    assert replies == [[flower_app.METRICS]] * 6  # metrics only: no adapter, no rows
+    assert replies == [[records.METRICS]] * 6  # metrics only: no adapter, no rows
     got = [r for r in RunDirectory(run).read_metrics() if r["type"] == "eval"]
     assert got == expected
 

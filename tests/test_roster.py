@@ -12,16 +12,16 @@ from flwr.app import Context, RecordDict
 from fedmoa.errors import ConfigError, FedMOAError
 from fedmoa.federation.config import load_client_file, load_experiment
 from fedmoa.federation.embedded import EmbeddedFederation
-from fedmoa.federation.flower_app import (
+from fedmoa.federation.flower.node import shared_settings
+from fedmoa.federation.flower.roster import RosterEntry, admit, in_order
+from fedmoa.federation.flower.server_app import serve
+from fedmoa.federation.flower.settings import (
     CLIENT_CONFIG_KEY,
     EXPERIMENT_KEY,
     NODE_TIMEOUT_KEY,
     RUN_DIR_KEY,
-    run_simulation,
-    serve,
 )
-from fedmoa.federation.node import shared_settings
-from fedmoa.federation.roster import RosterEntry, admit, in_order
+from fedmoa.federation.flower.simulation import run_simulation
 from fedmoa.runs import RunDirectory
 from test_flower import LoopbackGrid, task_identity, torch_threads, write_node_folders
 

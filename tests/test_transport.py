@@ -10,13 +10,9 @@ from safetensors.torch import load_file
 
 from fedmoa.federation.client import through_transport, transport_bytes
 from fedmoa.federation.config import load_experiment
-from fedmoa.federation.flower_app import (
-    EXPERIMENT_KEY,
-    RUN_DIR_KEY,
-    adapter_to_record,
-    record_to_adapter,
-    serve,
-)
+from fedmoa.federation.flower.records import adapter_to_record, record_to_adapter
+from fedmoa.federation.flower.server_app import serve
+from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY
 from fedmoa.runs import RunDirectory
 from test_embedded import run_embedded, write_experiment
 from test_flower import LoopbackGrid, task_identity  # noqa: F401 (fixture)

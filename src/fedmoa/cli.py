@@ -299,7 +299,7 @@ def evaluate(
 def run_flower(config: Path, output: Path, cfg, resume: Path | None) -> None:
     """``--engine flower``: the same experiment on Flower's Ray simulation, one SuperNode per
     client; the ServerApp writes the run directory (config included) as the embedded run does."""
-    from fedmoa.federation.flower_app import run_simulation
+    from fedmoa.federation.flower.simulation import run_simulation
 
     if resume is not None:
         raise FedMOAError(
@@ -325,8 +325,8 @@ def clientapp(
     messages; for a SuperNode started with --isolation process (docs/flower.md)."""
     import logging
 
-    from fedmoa.federation.flower_app import FLOWER_ENV
-    from fedmoa.federation.resident import serve_clientapp
+    from fedmoa.federation.flower.resident import serve_clientapp
+    from fedmoa.federation.flower.settings import FLOWER_ENV
 
     for name, value in FLOWER_ENV.items():
         os.environ.setdefault(name, value)

@@ -1,0 +1,65 @@
+"""The ServerApp: discover the nodes, then run the rounds through :class:`FedMOAStrategy`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flwr.app import Context, UserConfigValue
+from flwr.serverapp import Grid, ServerApp
+
+from fedmoa.errors import FedMOAError
+from fedmoa.federation.config import load_experiment
+from fedmoa.federation.flower.records import adapter_to_record
+from fedmoa.federation.flower.roster import discover_clients
+from fedmoa.federation.flower.settings import RunSettings, with_run_config
+from fedmoa.federation.flower.strategy import FedMOAStrategy, RoundCallback
+from fedmoa.federation.runtime import ServerRuntime
+from fedmoa.runs import RunDirectory
+
+
+def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -> dict[str, Any]:
+    """The ServerApp's body: run every round, then write the final adapters and summary."""
+    settings = RunSettings.from_run_config(context.run_config)
+    cfg = load_experiment(settings.experiment)
+    run = RunDirectory(settings.run_dir)
+    run.save_config(settings.experiment, dataclasses.asdict(cfg))
+    if cfg.server.method == "centralized":
+        raise FedMOAError("the centralized baseline runs on the embedded engine only")
+    runtime = ServerRuntime(cfg, run)  # the server never opens a client's data
+    roster = discover_clients(grid, cfg, settings.node_timeout)
+    runtime.admit_clients({cid: entry.task for cid, entry in roster.items()})
+    # server.round_timeout, when the experiment sets it, else the run config's reply-timeout:
+    # replies that have not come by then (hung, slow or disconnected nodes) are dropped.
+    timeout = cfg.server.round_timeout or settings.reply_timeout
+    strategy = FedMOAStrategy(runtime, roster, reply_timeout=timeout, on_round=on_round)
+    strategy.evaluate_round0(grid)
+    strategy.start(
+        grid,
+        adapter_to_record(runtime.server.state.global_adapter),
+        num_rounds=cfg.server.rounds,
+        timeout=timeout,
+    )
+    return runtime.finish()
+
+
+def build_server_app(
+    run_config: Mapping[str, UserConfigValue] | None = None,
+    on_round: RoundCallback | None = None,
+    on_finish: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """A ServerApp running :func:`serve`, optionally with run-config overrides and callbacks."""
+
+    def main(grid: Grid, context: Context) -> None:
+        summary = serve(grid, context, on_round)
+        if on_finish is not None:
+            on_finish(summary)
+
+    app = ServerApp()
+    app.main()(with_run_config(main, run_config))
+    return app
+
+
+app = build_server_app()
+"""The ServerApp for ``flwr run`` (``fedmoa.federation.flower.server_app:app``)."""
