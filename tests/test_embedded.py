@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedmoa.errors import ConfigError
 from fedmoa.federation import evaluation
 from fedmoa.federation.config import load_experiment
 from fedmoa.federation.embedded import EmbeddedFederation
@@ -260,3 +261,25 @@ def test_fedavg_with_a_dynamic_weighting_baseline(tmp_path, weighting, moves):
         for cid, w in static.items()
     }
     assert any(moved.values()) is moves, moved
+
+
+def test_resume_reads_the_runs_config_with_paths_relative_to_where_it_came_from(tmp_path):
+    """A run directory keeps a copy of the experiment; its relative paths (client files, reward
+    files) still start from the experiment's own folder, wherever the run directory is."""
+    owner = tmp_path / "experiment" / "node-a"
+    owner.mkdir(parents=True)
+    (owner / "rewards.py").write_text(USER_REWARD)
+    text = write_experiment(tmp_path, "fedmoa", rounds=1).read_text()
+    head = text[: text.index("[[clients]]")]
+    client = text[text.index("[[clients]]") :].split("[[clients]]")[1]
+    (owner / "client.toml").write_text(
+        client.replace(str(tmp_path / "user_rewards.py"), "rewards.py")
+    )
+    experiment = tmp_path / "experiment" / "experiment.toml"
+    experiment.write_text('clients = ["node-a/client.toml"]\n' + head)
+    run = RunDirectory(tmp_path / "elsewhere" / "run")
+    run.save_config(experiment, {})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_experiment(run.config_path)  # read where it lies, the path points nowhere
+    cfg = load_experiment(run.config_path, run.config_origin)
+    assert [c.id for c in cfg.clients] == [load_experiment(experiment).clients[0].id]

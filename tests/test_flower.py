@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import psutil
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -30,8 +29,6 @@ from fedmoa.federation.flower.records import (
     METRIC_KEYS,
     adapter_to_record,
     record_to_adapter,
-    records_to_state,
-    state_to_records,
 )
 from fedmoa.federation.flower.server_app import serve
 from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY
@@ -142,8 +139,12 @@ def test_flower_simulation_matches_embedded_engine(tmp_path):
 
     flower_records = RunDirectory(flower_run).read_metrics()
     assert without_timings(flower_records) == without_timings(federation.run.read_metrics())
-    # Same layout; the embedded helper skips the config copy that the CLI (and ServerApp) write.
-    assert files(flower_run) == files(embedded_run) | {"config.toml", "resolved_config.json"}
+    # Same layout; the embedded helper skips the config copy that the CLI (and ServerApp) write,
+    # and the simulation's nodes keep their client state in the run directory.
+    own = {"config.toml", "resolved_config.json", "run.json"}
+    node_files = {f for f in files(flower_run) if f.startswith("client-state/")}
+    assert files(flower_run) - node_files == files(embedded_run) | own
+    assert len(node_files) == 6, node_files  # 3 clients × rounds 1 and 2 (nothing older)
     summary = json.loads((flower_run / "summary.json").read_text())
     assert summary["rounds"] == 2
     # Round 0 (on by default): the untrained adapter, scored once, first, on both engines.
@@ -246,14 +247,13 @@ def test_failed_reply_is_logged_and_skipped(tmp_path, task_identity, caplog):
         "chain",
     }
     assert (run / "adapters" / "global" / "adapter_model.safetensors").exists()
-    # Each node keeps the state of the client of its partition id, and only that.
-    stored = {
-        node: {name.split("/")[1].split(".")[0] for name in ctx.state}
-        for node, ctx in grid.contexts.items()
-    }
-    assert stored == {20: {"math-a"}, 10: set(), 30: {"chain"}}
-    state = records_to_state(grid.contexts[20].state, "fedmoa/math-a")
-    assert state is not None and set(state) == {"weighting", "sampler"}
+    # Each node keeps the state of the client of its partition id, and only that: the failed
+    # one (math-b) has none.
+    key = json.loads((run / "run.json").read_text())["run_key"]
+    kept = run / "client-state" / key
+    assert sorted(p.name for p in kept.iterdir()) == ["chain", "math-a"]
+    state = torch.load(kept / "math-a" / "round-0001.pt", weights_only=True)
+    assert set(state) == {"weighting", "sampler"}
     # The reply's metric keys are the uniform ones, whatever the client's objectives.
     ok = next(r for r in records if r["type"] == "client" and r["client"] == "chain")
     assert set(METRIC_KEYS) - {"num-examples"} <= set(ok)
@@ -313,45 +313,6 @@ def test_evaluation_runs_on_the_clients_and_matches_the_embedded_engine(
 
 
 # -- records ---------------------------------------------------------------------------------
-
-
-def test_client_state_round_trips_through_records():
-    rng = random.Random(7)
-    rng.random()
-    state = {
-        "weighting": {
-            "z": torch.tensor([0.25, -1.5, 3.0], dtype=torch.float64),
-            "cached_grads": torch.randn(3, 5),
-            "has_cache": 1,
-            "steps": 4,
-            "eta": 0.1,
-            "flag": True,
-            "name": "hg",
-        },
-        "sampler": {"order": [3, 0, 2, 1], "rng": rng.getstate(), "position": None},
-        "static": {},
-    }
-    records = RecordDict(state_to_records(state, "fedmoa/math-a"))
-    # Deployment sends context.state through protobuf; it must survive that too.
-    restored = records_to_state(
-        recorddict_from_proto(recorddict_to_proto(records)), "fedmoa/math-a"
-    )
-    assert restored is not None
-    assert records_to_state(records, "fedmoa/other") is None
-    for key in ("z", "cached_grads"):
-        got, want = restored["weighting"][key], state["weighting"][key]
-        assert got.dtype == want.dtype and torch.equal(got, want)
-    scalars = {k: v for k, v in state["weighting"].items() if not isinstance(v, torch.Tensor)}
-    assert {k: restored["weighting"][k] for k in scalars} == scalars
-    assert type(restored["weighting"]["has_cache"]) is int
-    assert type(restored["weighting"]["flag"]) is bool
-    assert restored["static"] == {}
-    assert restored["sampler"]["order"] == [3, 0, 2, 1]
-    assert restored["sampler"]["position"] is None
-    version, internal, gauss = restored["sampler"]["rng"]  # tuples come back as lists
-    again = random.Random()
-    again.setstate((version, tuple(internal), gauss))
-    assert again.random() == rng.random()
 
 
 def test_adapter_record_keeps_bfloat16():
@@ -493,12 +454,96 @@ def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path):
 # -- the command line -------------------------------------------------------------------------
 
 
-def test_cli_flower_engine_refuses_resume_and_unknown_engines(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(write_experiment(tmp_path, "fedmoa", rounds=1).read_text())
-    runner = CliRunner()
-    resumed = runner.invoke(app, ["run", "--resume", str(run), "--engine", "flower"])
-    assert resumed.exit_code == 2 and "embedded engine" in resumed.output
-    unknown = runner.invoke(app, ["run", str(run / "config.toml"), "--engine", "ray"])
+def test_cli_flower_engine_refuses_unknown_engines(tmp_path):
+    config = write_experiment(tmp_path, "fedmoa", rounds=1)
+    unknown = CliRunner().invoke(app, ["run", str(config), "--engine", "ray"])
     assert unknown.exit_code == 2 and "unknown --engine 'ray'" in unknown.output
+
+
+def kill_at_checkpoint(process: subprocess.Popen, run: Path, kill: Callable[[], None]) -> None:
+    """Wait for round 1's checkpoint, then ``kill`` the server: it dies during round 2."""
+    deadline = time.monotonic() + 400
+    while not (run / "checkpoints" / "round-0001.pt").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 400s"
+        time.sleep(0.05)
+    kill()
+    assert not (run / "summary.json").exists(), "killed before the run finished"
+
+
+def test_flower_simulation_killed_mid_run_resumes_to_an_uninterrupted_runs_adapters(tmp_path):
+    """``fedmoa run --engine flower`` is killed (SIGKILL, Ray and all) after round 1 of 3;
+    ``--resume RUN --engine flower`` continues from the server's checkpoint and the nodes'
+    state files and ends with the embedded engine's adapters and records, bit for bit."""
+    config = write_experiment(tmp_path, "fedmoa", rounds=3)
+    with torch_threads(1):
+        federation, _ = run_embedded(config, tmp_path / "embedded")
+    crashed = tmp_path / "flower"
+    cli = [sys.executable, "-m", "fedmoa.cli", "run", "--engine", "flower"]
+    process = subprocess.Popen(
+        [*cli, str(config), "--output", str(crashed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        kill_at_checkpoint(process, crashed, lambda: os.killpg(process.pid, signal.SIGKILL))
+    finally:
+        reap_session(process)
+    rounds = [r["round"] for r in RunDirectory(crashed).read_metrics() if r["type"] == "round"]
+    assert rounds and rounds[-1] < 3
+    resumed = subprocess.Popen(
+        [*cli, "--resume", str(crashed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, err = resumed.communicate(timeout=400)
+    finally:
+        reap_session(resumed)
+    assert resumed.returncode == 0, err[-3000:]
+    expected, got = adapters(tmp_path / "embedded"), adapters(crashed)
+    assert set(got) == set(expected)
+    for name, tensors in expected.items():
+        assert all(torch.equal(got[name][k], v) for k, v in tensors.items()), name
+    records = RunDirectory(crashed).read_metrics()
+    assert without_timings(records) == without_timings(federation.run.read_metrics())
+    assert json.loads((crashed / "summary.json").read_text())["rounds"] == 3
+
+
+def test_deployment_serverapp_killed_mid_run_resumes_from_the_nodes_state_files(tmp_path):
+    """3 SuperNodes with their own client files; the ServerApp process is killed after round
+    1 of 2 and ``flwr run`` again with ``resume=true`` finishes the run: the nodes kept their
+    client state beside their client files, the server its checkpoint, and the adapters equal
+    the embedded run's."""
+    server_experiment, onefile = write_node_folders(tmp_path)
+    run = tmp_path / "run"
+    nodes = [
+        NodeSpec(c, tmp_path / f"node-{c}", "client-config='client.toml'") for c in NODE_CLIENTS
+    ]
+    run_config = {"experiment": str(server_experiment), "run-dir": str(run)}
+    with LocalDeployment(tmp_path, nodes, resident=True) as deployment:
+        first = deployment.start_run(APP_DIR, run_config, cwd=tmp_path / "server")
+        killed: list[int] = []
+        kill_at_checkpoint(first, run, lambda: killed.append(deployment.kill_serverapps()))
+        assert killed == [1], "one ServerApp process, killed"
+        first.kill()
+        first.wait()
+        done = deployment.run(APP_DIR, {**run_config, "resume": True}, cwd=tmp_path / "server")
+        log = done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0, log
+        assert json.loads((run / "summary.json").read_text())["rounds"] == 2, log
+    assert deployment.leftover == [], "every Flower process is gone"
+    key = json.loads((run / "run.json").read_text())["run_key"]
+    for client_id in NODE_CLIENTS:  # beside each client file, none on the server
+        kept = tmp_path / f"node-{client_id}" / "client.toml.state" / key
+        assert sorted(p.name for p in kept.iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    assert not (run / "client-state").exists()
+    with torch_threads(1):
+        run_embedded(onefile, tmp_path / "embedded")
+    expected, got = adapters(tmp_path / "embedded")["global"], adapters(run)["global"]
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    embedded = RunDirectory(tmp_path / "embedded").read_metrics()
+    assert without_timings(RunDirectory(run).read_metrics()) == without_timings(embedded)

@@ -118,13 +118,20 @@ def run(
     from fedmoa.runs import RunDirectory
 
     try:
+        origin = None
         if resume is not None:
-            config = resume / "config.toml"
-            output = resume
+            if config is not None:
+                raise FedMOAError("--resume continues the run's own config.toml: give no file")
+            config, output = resume / "config.toml", resume
+            if not config.is_file():
+                raise FedMOAError(
+                    f"--resume {resume}: no config.toml there; is it a run directory?"
+                )
+            origin = RunDirectory(resume).config_origin  # its relative paths start there
         if config is None:
             raise FedMOAError("give an experiment file, or --resume RUN_DIR")
         started = time.perf_counter()
-        cfg = load_experiment(config)
+        cfg = load_experiment(config, origin)
         if device is not None:
             from fedmoa.config import ModelConfig, parse_config
 
@@ -138,7 +145,7 @@ def run(
                     "[model] device in the experiment file (each SuperNode reads it)"
                 )
             flower_dir = output or Path(cfg.output_dir)
-            run_flower(config, flower_dir, cfg, resume)
+            run_flower(config, flower_dir, cfg, resume is not None)
             if profile:
                 print_profile(
                     RunDirectory(flower_dir).read_metrics(), time.perf_counter() - started
@@ -296,21 +303,27 @@ def evaluate(
     )
 
 
-def run_flower(config: Path, output: Path, cfg, resume: Path | None) -> None:
+def run_flower(config: Path, output: Path, cfg, resume: bool) -> None:
     """``--engine flower``: the same experiment on Flower's Ray simulation, one SuperNode per
-    client; the ServerApp writes the run directory (config included) as the embedded run does."""
+    client; the ServerApp writes the run directory (config included) as the embedded run does.
+    On resume the simulation reads the experiment from where the run started (its clients
+    load their data relative to it) and the ServerApp checks it is unchanged."""
     from fedmoa.federation.flower.simulation import run_simulation
+    from fedmoa.runs import RunDirectory
 
-    if resume is not None:
-        raise FedMOAError(
-            "--resume needs the embedded engine: Flower clients keep their state in their "
-            "SuperNodes' memory, which ends with the simulation"
-        )
+    if resume:
+        source = RunDirectory(output).identity().get("config_source")
+        if not source or not Path(source).is_file():
+            raise FedMOAError(
+                f"--resume {output} --engine flower: the experiment the run started from "
+                f"({source or 'not recorded'}) is gone; the simulation's clients read it"
+            )
+        config = Path(source)
 
     def on_round(server_round: int, records: list[dict]) -> None:
         print_round(server_round, records, cfg, console)
 
-    summary = run_simulation(config, output, on_round=on_round)
+    summary = run_simulation(config, output, on_round=on_round, resume=resume)
     print_final(cfg, summary, output)
 
 

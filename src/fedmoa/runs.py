@@ -6,10 +6,13 @@ import json
 import math
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 from fedmoa.errors import FedMOAError
+
+RUN_FILE = "run.json"
 
 
 class RunDirectory:
@@ -26,10 +29,38 @@ class RunDirectory:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
     def save_config(self, source: str | Path, resolved: dict[str, Any]) -> None:
-        """Keep the user's file verbatim and the fully defaulted config next to it."""
-        shutil.copyfile(source, self.path / "config.toml")
+        """Keep the user's file verbatim, the fully defaulted config next to it, and where the
+        file came from (its relative paths start there) under a new run key."""
+        shutil.copyfile(source, self.config_path)
         write_json_atomic(self.path / "resolved_config.json", resolved)
+        identity = {"config_source": str(Path(source).absolute()), "run_key": uuid.uuid4().hex}
+        write_json_atomic(self.path / RUN_FILE, identity)
+
+    def identity(self) -> dict[str, str]:
+        """``run.json``: the config's source and the run key; a run key is made for a run
+        directory that has none (written before run keys, or never saved a config)."""
+        path = self.path / RUN_FILE
+        identity = json.loads(path.read_text()) if path.exists() else {}
+        if "run_key" not in identity:
+            identity["run_key"] = uuid.uuid4().hex
+            write_json_atomic(path, identity)
+        return identity
+
+    @property
+    def run_key(self) -> str:
+        """Names this run to the nodes, which keep its client state under it across resumes."""
+        return self.identity()["run_key"]
+
+    @property
+    def config_origin(self) -> Path | None:
+        """The folder the run's ``config.toml`` was copied from, where its paths start."""
+        source = self.identity().get("config_source")
+        return Path(source).parent if source else None
 
     def log(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as fh:

@@ -15,21 +15,25 @@ PATTERN = "round-{:04d}.pt"
 
 
 def save_checkpoint(directory: Path, completed_round: int, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` plus the RNG states: temp file, fsync, rename."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / PATTERN.format(completed_round)
-    tmp = target.with_name(f".{target.name}.tmp")
+    """Write ``payload`` plus the RNG states (:func:`save_atomic`)."""
     state = {
         **payload,
         "completed_round": completed_round,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
     }
+    return save_atomic(directory / PATTERN.format(completed_round), state)
+
+
+def save_atomic(target: Path, obj: Any) -> Path:
+    """``torch.save`` to a temp file, fsync, rename: a crash leaves the old file or the new."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
     with tmp.open("wb") as fh:
-        torch.save(state, fh)
+        torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(target)
-    _fsync_dir(directory)
+    _fsync_dir(target.parent)
     return target
 
 

@@ -276,9 +276,12 @@ def unread_server_keys(server: ServerConfig, given: Collection[str]) -> list[str
     ]
 
 
-def load_experiment(path: str | Path) -> ExperimentConfig:
+def load_experiment(path: str | Path, origin: Path | None = None) -> ExperimentConfig:
     """Read, merge ``[client_defaults]`` into each client, validate (strictly typed); errors name
     the field path, in ``[client_defaults]`` when the bad value came from there.
+
+    ``origin``: the folder the file's relative paths start from when the file was copied away
+    from it (a run directory's ``config.toml``); by default the file's own folder.
 
     A ``clients`` entry may be a table or the path of a client file holding that table (a data
     owner's own file); paths inside a client file are relative to it. ``[weighting]`` and
@@ -286,6 +289,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     file, and warned about once when left over from another method (``report_unread``).
     """
     data = read_toml(path)
+    base = origin if origin is not None else config_dir(path)
     legacy = "hypergradient" in data
     if legacy:
         if "weighting" in data:
@@ -304,11 +308,11 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     if isinstance(clients, list):
         for i, entry in enumerate(clients):
             if isinstance(entry, str):
-                files[i], clients[i] = read_client_file(entry, path, i)
+                files[i], clients[i] = read_client_file(entry, path, i, base)
         data["clients"] = [
             merge_defaults(defaults, c) if isinstance(c, dict) else c for c in clients
         ]
-    data = anchor_paths(data, config_dir(path))  # relative to this file, not the cwd
+    data = anchor_paths(data, base)  # relative to this file, not the cwd
 
     def locate(loc: Location) -> str:
         if legacy and loc and loc[0] == "weighting":
@@ -359,9 +363,12 @@ def check_client_fits(cfg: ExperimentConfig, client: ClientConfig, where: str) -
         raise ConfigError(str(err)) from None
 
 
-def read_client_file(entry: str, experiment: str | Path, index: int) -> tuple[Path, dict[str, Any]]:
-    """A client file named in ``clients`` (relative to the experiment), its paths anchored."""
-    file = Path(os.path.normpath(config_dir(experiment) / Path(entry).expanduser()))
+def read_client_file(
+    entry: str, experiment: str | Path, index: int, base: Path
+) -> tuple[Path, dict[str, Any]]:
+    """A client file named in ``clients`` (relative to ``base``, the experiment's folder), its
+    paths anchored."""
+    file = Path(os.path.normpath(base / Path(entry).expanduser()))
     try:
         table = read_toml(file)
     except ConfigError as err:

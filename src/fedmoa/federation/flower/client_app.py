@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict, UserConfigValue
 from flwr.clientapp import ClientApp
@@ -15,6 +16,7 @@ from flwr.clientapp import ClientApp
 from fedmoa.errors import FedMOAError, one_line
 from fedmoa.federation.client import objective_metrics, run_client_round
 from fedmoa.federation.evaluation import EVAL_KINDS, evaluate_client
+from fedmoa.federation.flower.client_state import load_state, save_state, state_folder
 from fedmoa.federation.flower.node import (
     NodeClient,
     client_from_experiment,
@@ -33,8 +35,6 @@ from fedmoa.federation.flower.records import (
     SETTINGS,
     adapter_to_record,
     record_to_adapter,
-    records_to_state,
-    state_to_records,
 )
 from fedmoa.federation.flower.settings import (
     CLIENT_CONFIG_KEY,
@@ -98,7 +98,15 @@ def train(message: Message, context: Context) -> Message:
     cfg, client = node.cfg, node.client
     model = node_policy(cfg)
     data, reward_funcs = client_inputs(node)
-    prefix = f"fedmoa/{client.id}"
+    round_config = message.content[ROUND_CONFIG]
+    server_round = int(round_config["server-round"])
+    folder = state_folder(
+        client.id,
+        str(round_config["run-key"]),
+        None if node.in_experiment else str(node.source),
+        RunSettings.from_run_config(context.run_config).run_dir if node.in_experiment else Path(),
+    )
+    started_from, state = load_state(folder, server_round)
     result = run_client_round(
         model.policy,
         model.tokenizer,
@@ -110,16 +118,15 @@ def train(message: Message, context: Context) -> Message:
             like=model.initial,
             transport_dtype=cfg.server.transport_dtype,
         ),
-        records_to_state(context.state, prefix),
+        state,
         method=cfg.server.method,
         server=cfg.server,
         weighting_config=cfg.weighting,
         seed=cfg.seed,
-        server_round=int(message.content[ROUND_CONFIG]["server-round"]),
+        server_round=server_round,
         started=started,
     )
-    for name, record in state_to_records(result.state, prefix).items():
-        context.state[name] = record
+    save_state(folder, server_round, result.state, started_from)
     update = result.update
     metrics = MetricRecord(
         {

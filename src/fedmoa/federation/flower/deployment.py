@@ -117,18 +117,55 @@ class LocalDeployment:
         return self
 
     def run(
-        self, app_dir: Path, run_config: Mapping[str, str], cwd: Path, timeout: float = 3600
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, str | bool],
+        cwd: Path,
+        timeout: float = 3600,
     ) -> subprocess.CompletedProcess:
         """``flwr run APP_DIR local --run-config ... --stream``; returns when the run ends."""
-        config = " ".join(f"{key}='{value}'" for key, value in run_config.items())
-        return subprocess.run(
+        process = self.start_run(app_dir, run_config, cwd, capture=True)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+    def start_run(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, str | bool],
+        cwd: Path,
+        capture: bool = False,
+    ) -> subprocess.Popen:
+        """``flwr run`` started, not waited for (strings quoted, booleans as TOML's)."""
+        config = " ".join(
+            f"{key}={str(value).lower()}" if isinstance(value, bool) else f"{key}='{value}'"
+            for key, value in run_config.items()
+        )
+        pipe = subprocess.PIPE if capture else subprocess.DEVNULL
+        return subprocess.Popen(
             [str(BIN / "flwr"), "run", str(app_dir), "local", "--run-config", config, "--stream"],
             env=self.env,
             cwd=cwd,
-            capture_output=True,
+            stdout=pipe,
+            stderr=pipe,
             text=True,
-            timeout=timeout,
         )
+
+    def kill_serverapps(self) -> int:
+        """SIGKILL every ``flwr-serverapp`` process of this deployment (a server that dies);
+        returns how many there were."""
+        killed = 0
+        for process in self.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if any("flwr-serverapp" in part for part in child.cmdline()):
+                            child.kill()
+                            killed += 1
+        return killed
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()

@@ -62,9 +62,14 @@ class NodeClient:
     source: int | str  # its index in the experiment file, or its client file
 
     @property
+    def in_experiment(self) -> bool:
+        """Client ``source`` of the experiment file (the one-file form), not a file of its own."""
+        return isinstance(self.source, int)
+
+    @property
     def where(self) -> str:
         """Where the client was defined, for error messages."""
-        return f"clients[{self.source}]" if isinstance(self.source, int) else self.source
+        return f"clients[{self.source}]" if self.in_experiment else str(self.source)
 
 
 _POLICIES: dict[str, NodePolicy] = {}
@@ -146,7 +151,7 @@ def client_inputs(node: NodeClient) -> tuple[ClientData, list[tuple[str, RewardF
     """The client's rows (split) and reward functions, loaded once per client definition."""
     key = json.dumps(dataclasses.asdict(node.client), default=str, sort_keys=True)
     if key not in _INPUTS:
-        field = f"{node.where}.data" if isinstance(node.source, int) else f"{node.where}: data"
+        field = f"{node.where}.data" if node.in_experiment else f"{node.where}: data"
         data = load_client_data(node.client, field)
         _INPUTS[key] = (data, client_reward_funcs(node.client, node.source))
     return _INPUTS[key]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 
 from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.errors import FedMOAError
@@ -45,11 +45,6 @@ METRIC_KEYS = (
     "bytes_up",
 )
 """The MetricRecord keys of every reply, whatever the client's objectives are called."""
-
-
-def _to_array(tensor: torch.Tensor) -> Array:
-    """numpy has no bfloat16: widen it to float32, which is exact (and undone on the way in)."""
-    return Array(_wire_array(tensor, "float32"))
 
 
 PACKED = "fedmoa/packed/"  # + numpy dtype: every LoRA tensor of that dtype, flattened, in order
@@ -135,63 +130,6 @@ def record_to_adapter(
             tensor = tensor.to(own)
         adapter[name] = tensor
     return adapter
-
-
-def state_to_records(
-    state: Mapping[str, Any], prefix: str
-) -> dict[str, ArrayRecord | ConfigRecord]:
-    """Flatten a client state (nested dicts) into records for ``context.state``.
-
-    Tensors go to ``{prefix}.arrays`` (bfloat16 ones as float32); numbers, strings
-    and booleans to ``{prefix}.scalars`` as they are; every other leaf (lists,
-    tuples, ``None``, empty dicts: e.g. a ``random.Random`` state) to
-    ``{prefix}.json`` as JSON, which round-trips Python ints and floats exactly.
-    Tuples come back as lists.
-    """
-    arrays: dict[str, Array] = {}
-    scalars: dict[str, Any] = {}
-    encoded: dict[str, Any] = {}
-    for path, value in _flatten(state):
-        if isinstance(value, torch.Tensor):
-            arrays[path] = _to_array(value)
-        elif isinstance(value, bool | int | float | str):
-            scalars[path] = value
-        else:
-            encoded[path] = json.dumps(value)
-    return {
-        f"{prefix}.arrays": ArrayRecord(arrays),
-        f"{prefix}.scalars": ConfigRecord(scalars),
-        f"{prefix}.json": ConfigRecord(encoded),
-    }
-
-
-def records_to_state(records: RecordDict, prefix: str) -> dict[str, Any] | None:
-    """The inverse of :func:`state_to_records`; ``None`` when ``records`` holds no state."""
-    if f"{prefix}.scalars" not in records:
-        return None
-    leaves: list[tuple[str, Any]] = []
-    leaves += [(k, torch.from_numpy(a.numpy())) for k, a in records[f"{prefix}.arrays"].items()]
-    leaves += list(records[f"{prefix}.scalars"].items())
-    leaves += [(k, json.loads(v)) for k, v in records[f"{prefix}.json"].items()]
-    state: dict[str, Any] = {}
-    for path, value in leaves:
-        *parents, leaf = path.split("/")
-        node = state
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return state
-
-
-def _flatten(tree: Mapping[str, Any], parent: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if "/" in key:
-            raise ValueError(f"client state key {key!r} contains '/', the path separator")
-        path = f"{parent}/{key}" if parent else key
-        if isinstance(value, Mapping) and value:
-            yield from _flatten(value, path)
-        else:
-            yield path, dict(value) if isinstance(value, Mapping) else value
 
 
 def reply_to_update(

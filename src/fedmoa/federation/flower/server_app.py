@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, UserConfigValue
@@ -18,30 +20,51 @@ from fedmoa.federation.flower.strategy import FedMOAStrategy, RoundCallback
 from fedmoa.federation.runtime import ServerRuntime
 from fedmoa.runs import RunDirectory
 
+logger = logging.getLogger(__name__)
+
 
 def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -> dict[str, Any]:
-    """The ServerApp's body: run every round, then write the final adapters and summary."""
+    """The ServerApp's body: run every round (after the last completed one, with ``resume``),
+    then write the final adapters and summary."""
     settings = RunSettings.from_run_config(context.run_config)
     cfg = load_experiment(settings.experiment)
-    run = RunDirectory(settings.run_dir)
-    run.save_config(settings.experiment, dataclasses.asdict(cfg))
     if cfg.server.method == "centralized":
         raise FedMOAError("the centralized baseline runs on the embedded engine only")
+    run = RunDirectory(settings.run_dir)
+    if settings.resume:
+        check_same_experiment(settings.experiment, run)
+    else:
+        run.save_config(settings.experiment, dataclasses.asdict(cfg))
     runtime = ServerRuntime(cfg, run)  # the server never opens a client's data
     roster = discover_clients(grid, cfg, settings.node_timeout)
     runtime.admit_clients({cid: entry.task for cid, entry in roster.items()})
+    done = runtime.resume() if settings.resume else 0
+    if done:
+        logger.info("resuming after round %d of %d", done, cfg.server.rounds)
     # server.round_timeout, when the experiment sets it, else the run config's reply-timeout:
     # replies that have not come by then (hung, slow or disconnected nodes) are dropped.
     timeout = cfg.server.round_timeout or settings.reply_timeout
     strategy = FedMOAStrategy(runtime, roster, reply_timeout=timeout, on_round=on_round)
     strategy.evaluate_round0(grid)
-    strategy.start(
-        grid,
-        adapter_to_record(runtime.server.state.global_adapter),
-        num_rounds=cfg.server.rounds,
-        timeout=timeout,
-    )
+    if done < cfg.server.rounds:
+        strategy.start(
+            grid,
+            adapter_to_record(runtime.server.state.global_adapter),
+            num_rounds=cfg.server.rounds - done,  # Flower counts them from 1 (see the strategy)
+            timeout=timeout,
+        )
     return runtime.finish()
+
+
+def check_same_experiment(experiment: Path, run: RunDirectory) -> None:
+    """A resumed run goes on with the experiment it started with, or not at all."""
+    if not run.config_path.is_file():
+        raise FedMOAError(f"resume: {run.path} holds no run (no config.toml)")
+    if experiment.read_bytes() != run.config_path.read_bytes():
+        raise FedMOAError(
+            f"resume: {experiment} differs from the run's {run.config_path}; resume with the "
+            "experiment the run started with"
+        )
 
 
 def build_server_app(

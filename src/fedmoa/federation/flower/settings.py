@@ -24,6 +24,7 @@ EXPERIMENT_KEY = "experiment"  # absolute path of the experiment TOML
 RUN_DIR_KEY = "run-dir"  # absolute path of the run directory; "" = the experiment's output_dir
 REPLY_TIMEOUT_KEY = "reply-timeout"  # seconds the server waits for a round's replies
 NODE_TIMEOUT_KEY = "node-timeout"  # seconds the server waits for enough SuperNodes
+RESUME_KEY = "resume"  # true: continue the run in run-dir after its last completed round
 
 # Node config keys (``flower-supernode --node-config``).
 CLIENT_CONFIG_KEY = "client-config"  # path of the node's own client file
@@ -47,6 +48,7 @@ class RunSettings:
     run_dir: Path
     reply_timeout: float = 3600.0
     node_timeout: float = 300.0
+    resume: bool = False
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, UserConfigValue]) -> RunSettings:
@@ -68,11 +70,17 @@ class RunSettings:
                 )
         else:  # the experiment's output_dir, relative to the experiment file
             run_dir = experiment.parent / load_experiment(experiment).output_dir
+        resume = run_config.get(RESUME_KEY, False)
+        if not isinstance(resume, bool):
+            raise FedMOAError(
+                f"the run config's {RESUME_KEY!r} must be true or false (got {resume!r})"
+            )
         return cls(
             experiment,
             run_dir,
             float(run_config.get(REPLY_TIMEOUT_KEY, cls.reply_timeout)),
             float(run_config.get(NODE_TIMEOUT_KEY, cls.node_timeout)),
+            resume,
         )
 
 

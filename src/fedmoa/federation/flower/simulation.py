@@ -11,7 +11,12 @@ from fedmoa.errors import ConfigError, FedMOAError
 from fedmoa.federation.config import ExperimentConfig, load_experiment
 from fedmoa.federation.flower.client_app import build_client_app
 from fedmoa.federation.flower.server_app import build_server_app
-from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY, flower_environment
+from fedmoa.federation.flower.settings import (
+    EXPERIMENT_KEY,
+    RESUME_KEY,
+    RUN_DIR_KEY,
+    flower_environment,
+)
 from fedmoa.federation.flower.strategy import RoundCallback
 from fedmoa.models import resolve_device
 
@@ -30,10 +35,12 @@ def run_simulation(
     on_round: RoundCallback | None = None,
     flwr_home: str | Path | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``experiment`` on Flower's Ray simulation, one virtual SuperNode per client.
 
-    Writes the same run directory as the embedded engine and returns its summary.
+    Writes the same run directory as the embedded engine and returns its summary;
+    ``resume`` continues the run in ``run_dir`` after its last completed round.
     ``FLWR_HOME`` is a temporary folder unless ``flwr_home`` is given.
     """
     from flwr.simulation import run_simulation as flower_run_simulation
@@ -45,7 +52,7 @@ def run_simulation(
             f"{experiment}: clients: the simulation runs the clients the experiment lists, and "
             "it lists none (server.num_clients is for a deployment's own client files)"
         )
-    run_config = {EXPERIMENT_KEY: str(experiment), RUN_DIR_KEY: str(run_dir)}
+    run_config = {EXPERIMENT_KEY: str(experiment), RUN_DIR_KEY: str(run_dir), RESUME_KEY: resume}
     summaries: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         home = (

@@ -43,6 +43,10 @@ class FedMOAStrategy(Strategy):
     rows (:func:`evaluate`); ``aggregate_evaluate`` combines the metrics-only
     replies (``aggregate_evaluation``, as the embedded engine does), then the round
     is logged and checkpointed (``ServerRuntime.finish_round``).
+
+    ``Strategy.start`` numbers the rounds of its own call from 1; a resumed run's call starts
+    after the rounds the run-time had completed, so each method adds those
+    (:meth:`run_round`) and every message and record carries the run's round.
     """
 
     def __init__(
@@ -62,6 +66,12 @@ class FedMOAStrategy(Strategy):
         self.plan: RoundPlan | None = None
         self.pending: PendingRound | None = None  # aggregated, waiting for its evaluation
         self.evaluate_sent = 0.0  # perf_counter when the evaluate messages went out
+        self.rounds_before = runtime.server.state.completed_rounds  # > 0 when resumed
+        self.run_key = runtime.run.run_key  # the nodes keep their client state under it
+
+    def run_round(self, flower_round: int) -> int:
+        """The run's round for the ``server_round`` of Flower's loop."""
+        return self.rounds_before + flower_round
 
     def summary(self) -> None:
         """Logged by ``Strategy.start`` on Flower's logger, next to Flower's own lines."""
@@ -79,33 +89,45 @@ class FedMOAStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per client the server samples, to the node of its partition."""
         del arrays, config  # the FederatedServer's state is the source of truth
+        server_round = self.run_round(server_round)
         self.plan = self.runtime.server.configure_round(server_round)
         transport = self.runtime.cfg.server.transport_dtype
-        messages = []
-        for client_id, start in self.plan.starts.items():
-            content = RecordDict(
-                {
-                    ADAPTER: adapter_to_record(start, transport),
-                    ROUND_CONFIG: ConfigRecord(
-                        {"server-round": server_round, "client-id": client_id}
-                    ),
-                    SETTINGS: ConfigRecord({"experiment": self.settings}),
-                }
+        return [
+            self.message_to(
+                client_id,
+                server_round,
+                MessageType.TRAIN,
+                {ADAPTER: adapter_to_record(start, transport)},
             )
-            messages.append(
-                Message(
-                    content=content,
-                    dst_node_id=self.nodes[client_id],
-                    message_type=MessageType.TRAIN,
-                    group_id=str(server_round),
-                )
-            )
-        return messages
+            for client_id, start in self.plan.starts.items()
+        ]
+
+    def message_to(
+        self, client_id: str, server_round: int, kind: str, adapters: Mapping[str, ArrayRecord]
+    ) -> Message:
+        """A message to ``client_id``'s node: the adapters, the round, the run key (under which
+        the node keeps its client state) and the shared settings."""
+        content = RecordDict(
+            {
+                **adapters,
+                ROUND_CONFIG: ConfigRecord(
+                    {"server-round": server_round, "client-id": client_id, "run-key": self.run_key}
+                ),
+                SETTINGS: ConfigRecord({"experiment": self.settings}),
+            }
+        )
+        return Message(
+            content=content,
+            dst_node_id=self.nodes[client_id],
+            message_type=kind,
+            group_id=str(server_round),
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies → ``ClientUpdate``s, in the plan's client order; failures are logged and skipped."""
+        server_round = self.run_round(server_round)
         plan = self.plan
         if plan is None or plan.server_round != server_round:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train")
@@ -147,6 +169,7 @@ class FedMOAStrategy(Strategy):
     ) -> Iterable[Message]:
         """On an evaluation round, one message per client with the adapters it scores."""
         del arrays, config
+        server_round = self.run_round(server_round)
         pending = self.pending
         if pending is None or pending.server_round != server_round or not pending.evaluate:
             return []
@@ -157,6 +180,7 @@ class FedMOAStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Combine the clients' scores, then log and checkpoint the round."""
+        server_round = self.run_round(server_round)
         pending = self.pending
         if pending is None or pending.server_round != server_round:
             raise RuntimeError(f"aggregate_evaluate({server_round}) without aggregate_train")
@@ -182,25 +206,10 @@ class FedMOAStrategy(Strategy):
         self, server_round: int, local_models: Mapping[str, Adapter]
     ) -> list[Message]:
         messages = []
-        for client_id, entry in self.roster.items():
+        for client_id in self.roster:
             adapters = self.runtime.eval_adapters(client_id, local_models)
-            content = RecordDict(
-                {
-                    **{f"{ADAPTER}/{kind}": adapter_to_record(a) for kind, a in adapters.items()},
-                    ROUND_CONFIG: ConfigRecord(
-                        {"server-round": server_round, "client-id": client_id}
-                    ),
-                    SETTINGS: ConfigRecord({"experiment": self.settings}),
-                }
-            )
-            messages.append(
-                Message(
-                    content=content,
-                    dst_node_id=entry.node_id,
-                    message_type=MessageType.EVALUATE,
-                    group_id=str(server_round),
-                )
-            )
+            records = {f"{ADAPTER}/{kind}": adapter_to_record(a) for kind, a in adapters.items()}
+            messages.append(self.message_to(client_id, server_round, MessageType.EVALUATE, records))
         return messages
 
     def combine_scores(self, server_round: int, replies: Iterable[Message]) -> dict[str, float]:
