@@ -145,6 +145,10 @@ def test_flower_simulation_matches_embedded_engine(tmp_path):
     node_files = {f for f in files(flower_run) if f.startswith("client-state/")}
     assert files(flower_run) - node_files == files(embedded_run) | own
     assert len(node_files) == 6, node_files  # 3 clients × rounds 1 and 2 (nothing older)
+    # The thread counts the bits depend on, recorded: the server's and each node's (Ray: 1).
+    resolved = json.loads((flower_run / "resolved_config.json").read_text())
+    assert resolved["node_torch_threads"] == {"math-a": 1, "math-b": 1, "chain": 1}
+    assert resolved["torch_threads"] >= 1
     summary = json.loads((flower_run / "summary.json").read_text())
     assert summary["rounds"] == 2
     # Round 0 (on by default): the untrained adapter, scored once, first, on both engines.

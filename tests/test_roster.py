@@ -211,3 +211,50 @@ def test_deployment_example_server_and_one_file_forms_agree():
     files = sorted(root.glob("node-*/client.toml"))
     assert [load_client_file(f).id for f in files] == [c.id for c in onefile.clients]
     assert all(c.task in server.server.tasks for c in onefile.clients)
+
+
+CLIENT_FILE = """
+id = "owner"
+task = "math"
+local_steps = 5
+data = { source = "reasoning_gym", name = "basic_arithmetic", size = 12 }
+rewards = [{ name = "accuracy", function = "math_accuracy", role = "primary" }]
+"""
+
+DEFAULTS = """
+[model]
+name = "tiny-random-qwen2"
+
+[client_defaults]
+grpo = { batch_size = 2, max_new_tokens = 24 }
+local_steps = 3
+"""
+
+
+def test_a_node_merges_the_servers_client_defaults_as_the_one_file_form_does(tmp_path):
+    """The same client file, listed by a one-file experiment or run by a node of a deployment
+    whose experiment has the same ``[client_defaults]``, trains with the same settings: the
+    server sends its defaults with the shared settings and the node merges them under its
+    own file (its own values win)."""
+    from fedmoa.federation.flower.node import client_from_file, settings_from_json
+
+    (tmp_path / "owner").mkdir()
+    client_file = tmp_path / "owner" / "client.toml"
+    client_file.write_text(CLIENT_FILE)
+    onefile = tmp_path / "experiment.toml"
+    onefile.write_text('clients = ["owner/client.toml"]\n' + DEFAULTS)
+    server = tmp_path / "server.toml"
+    server.write_text(DEFAULTS.replace("[model]", "[server]\nnum_clients = 1\n\n[model]"))
+
+    listed = load_experiment(onefile).clients[0]
+    node = client_from_file(
+        client_file, settings_from_json(shared_settings(load_experiment(server)))
+    )
+    assert node.client == listed
+    assert (listed.local_steps, listed.grpo.batch_size, listed.grpo.max_new_tokens) == (5, 2, 24)
+
+    server.write_text(server.read_text().replace("max_new_tokens = 24", "max_new_tokens = -1"))
+    with pytest.raises(
+        ConfigError, match=r"grpo\.max_new_tokens.*from the server's \[client_defaults\]"
+    ):
+        client_from_file(client_file, settings_from_json(shared_settings(load_experiment(server))))

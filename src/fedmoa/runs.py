@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedmoa.errors import FedMOAError
 
 RUN_FILE = "run.json"
@@ -37,9 +39,16 @@ class RunDirectory:
         """Keep the user's file verbatim, the fully defaulted config next to it, and where the
         file came from (its relative paths start there) under a new run key."""
         shutil.copyfile(source, self.config_path)
-        write_json_atomic(self.path / "resolved_config.json", resolved)
+        # the threads this process computes on: bits can differ by thread count (README)
+        self.update_resolved({**resolved, "torch_threads": torch.get_num_threads()})
         identity = {"config_source": str(Path(source).absolute()), "run_key": uuid.uuid4().hex}
         write_json_atomic(self.path / RUN_FILE, identity)
+
+    def update_resolved(self, values: dict[str, Any]) -> None:
+        """Add ``values`` to ``resolved_config.json`` (e.g. what the nodes said at the start)."""
+        path = self.path / "resolved_config.json"
+        resolved = json.loads(path.read_text()) if path.exists() else {}
+        write_json_atomic(path, {**resolved, **values})
 
     def identity(self) -> dict[str, str]:
         """``run.json``: the config's source and the run key; a run key is made for a run

@@ -206,6 +206,9 @@ class ExperimentConfig:
     # for the others; a dynamic method (e.g. "saw") with fedavg gives FedAvg + that weighting.
     # ``[hypergradient]`` is accepted as another name for this table (older experiments).
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    # [client_defaults] as given (its paths relative to this file): merged under each listed
+    # client here, and under each node's own client file in a deployment (the server sends it)
+    client_defaults: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("clients")
     @classmethod
@@ -313,6 +316,7 @@ def load_experiment(path: str | Path, origin: Path | None = None) -> ExperimentC
             merge_defaults(defaults, c) if isinstance(c, dict) else c for c in clients
         ]
     data = anchor_paths(data, base)  # relative to this file, not the cwd
+    data["client_defaults"] = anchor_paths(defaults, base)
 
     def locate(loc: Location) -> str:
         if legacy and loc and loc[0] == "weighting":
@@ -337,12 +341,23 @@ def load_experiment(path: str | Path, origin: Path | None = None) -> ExperimentC
     return cfg
 
 
-def load_client_file(path: str | Path) -> ClientConfig:
+def load_client_file(path: str | Path, defaults: dict[str, Any] | None = None) -> ClientConfig:
     """A data owner's client file on its own (a SuperNode's ``client-config``), its paths
-    relative to it; errors name the file and the field."""
+    relative to it, merged over the server's ``[client_defaults]`` as a listed client's table
+    is; errors name the file and the field (and the server's defaults, when a bad value came
+    from there)."""
     file = Path(path).expanduser()
     table = anchor_paths(read_toml(file), config_dir(file))
-    return parse_config(table, ClientConfig, str(file), strict=True)
+    defaults = defaults or {}
+
+    def locate(loc: Location) -> str:
+        if _from_defaults(table, defaults, loc):
+            return f"{field_path(loc)} (from the server's [client_defaults])"
+        return field_path(loc)
+
+    return parse_config(
+        merge_defaults(defaults, table), ClientConfig, str(file), strict=True, locate=locate
+    )
 
 
 def check_client_fits(cfg: ExperimentConfig, client: ClientConfig, where: str) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedmoa.aggregation import Adapter
 from fedmoa.config import parse_config
 from fedmoa.errors import ConfigError, FedMOAError
@@ -75,7 +77,7 @@ class NodeClient:
 _POLICIES: dict[str, NodePolicy] = {}
 _INPUTS: dict[str, tuple[ClientData, list[tuple[str, RewardFunc]]]] = {}
 _SETTINGS: dict[str, ExperimentConfig] = {}
-_FILES: dict[tuple[str, str], Any] = {}
+_FILES: dict[tuple[str, str, str], Any] = {}
 
 
 def shared_settings(cfg: ExperimentConfig) -> str:
@@ -99,22 +101,23 @@ def settings_from_json(text: str) -> ExperimentConfig:
     return _SETTINGS[text]
 
 
-def _cached_file(path: Path, load: Any) -> Any:
-    """``load(path)``, again only when the file's bytes change."""
+def _cached_file(path: Path, load: Any, *context: Any) -> Any:
+    """``load(path, *context)``, again only when the file's bytes or the context change."""
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
-        return load(path)  # its own one-line error (not found, unreadable)
-    key = (str(path), digest)
+        return load(path, *context)  # its own one-line error (not found, unreadable)
+    key = (str(path), digest, json.dumps(context, default=str, sort_keys=True))
     if key not in _FILES:
-        _FILES[key] = load(path)
+        _FILES[key] = load(path, *context)
     return _FILES[key]
 
 
 def client_from_file(path: str | Path, cfg: ExperimentConfig) -> NodeClient:
-    """The node's own client file under the server's settings ``cfg``."""
+    """The node's own client file under the server's settings ``cfg``, merged over the
+    server's ``[client_defaults]`` as the one-file form merges a listed client file."""
     file = Path(path).expanduser().absolute()
-    client = _cached_file(file, load_client_file)
+    client = _cached_file(file, load_client_file, cfg.client_defaults)
     check_client_fits(cfg, client, str(file))
     return NodeClient(cfg, client, str(file))
 
@@ -166,6 +169,7 @@ def identity(node: NodeClient) -> dict[str, Any]:
         "task": node.client.task,
         "num-train": len(data.train),
         "num-test": len(data.test),
+        "torch-threads": torch.get_num_threads(),
         "model": json.dumps(dataclasses.asdict(cfg.model), default=str, sort_keys=True),
         "lora": json.dumps(dataclasses.asdict(cfg.lora), default=str, sort_keys=True),
     }

@@ -37,6 +37,7 @@ class RosterEntry:
     task: str
     num_train: int
     num_test: int
+    torch_threads: int | None = None  # the node's compute threads, for the run's record
 
 
 def expected_clients(cfg: ExperimentConfig) -> int:
@@ -82,7 +83,10 @@ def admit(
                 raise FedMOAError(
                     f"{name}: {table}.{key} = {theirs.get(key)!r}, the server's is {ours!r}"
                 )
-    return RosterEntry(node_id, client_id, task, num_train, num_test)
+    threads = identity.get("torch-threads")
+    return RosterEntry(
+        node_id, client_id, task, num_train, num_test, int(threads) if threads else None
+    )
 
 
 def in_order(roster: Mapping[str, RosterEntry], cfg: ExperimentConfig) -> dict[str, RosterEntry]:

@@ -38,6 +38,7 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
     runtime = ServerRuntime(cfg, run)  # the server never opens a client's data
     roster = discover_clients(grid, cfg, settings.node_timeout)
     runtime.admit_clients({cid: entry.task for cid, entry in roster.items()})
+    run.update_resolved({"node_torch_threads": {c: e.torch_threads for c, e in roster.items()}})
     done = runtime.resume() if settings.resume else 0
     if done:
         logger.info("resuming after round %d of %d", done, cfg.server.rounds)
