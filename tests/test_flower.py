@@ -539,6 +539,9 @@ def test_deployment_serverapp_killed_mid_run_resumes_from_the_nodes_state_files(
         log = done.stdout[-3000:] + done.stderr[-3000:]
         assert done.returncode == 0, log
         assert json.loads((run / "summary.json").read_text())["rounds"] == 2, log
+        failed = [r for r in RunDirectory(run).read_metrics() if "failed" in r]
+        node_logs = "".join(deployment.log(f"clientapp-{c}")[-1500:] for c in NODE_CLIENTS)
+        assert failed == [], node_logs
     assert deployment.leftover == [], "every Flower process is gone"
     key = json.loads((run / "run.json").read_text())["run_key"]
     for client_id in NODE_CLIENTS:  # beside each client file, none on the server

@@ -333,10 +333,19 @@ def clientapp(
         str,
         typer.Option(help="the SuperNode's Runtime API (its --port), e.g. 127.0.0.1:9094"),
     ] = "127.0.0.1:9094",
+    object_wait: Annotated[
+        float,
+        typer.Option(
+            help="seconds a task's message may stay unavailable (its run has ended) before "
+            "the task is given up"
+        ),
+    ] = 120.0,
 ) -> None:
     """Run a SuperNode's ClientApp in this one process, so the model stays loaded across
     messages; for a SuperNode started with --isolation process (docs/flower.md)."""
+    import faulthandler
     import logging
+    import signal
 
     from fedmoa.federation.flower.resident import serve_clientapp
     from fedmoa.federation.flower.settings import FLOWER_ENV
@@ -345,8 +354,9 @@ def clientapp(
         os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: every thread's stack, to stderr
     console.print(f"fedmoa clientapp: serving the SuperNode at {runtime_api_address}")
-    serve_clientapp(runtime_api_address)
+    serve_clientapp(runtime_api_address, object_wait=object_wait)
 
 
 @app.command("report")

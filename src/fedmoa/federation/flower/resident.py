@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
@@ -50,8 +52,21 @@ def _runtime_client(address: str, *interceptors: object) -> RuntimeHttpClient:
     )
 
 
+OBJECT_WAIT = 120.0
+"""Seconds a task's message may stay unavailable before the task is given up.
+
+A message whose run ended after the SuperNode received it (a ServerApp that died) never
+becomes available: the SuperLink refuses its objects. ``flwr-clientapp`` waits for it up to
+two hours (``PULL_MAX_TIME``), and its process is then stopped with the run; a resident
+process must give it up instead, or every later run waits behind it."""
+
+
 def serve_clientapp(
-    runtime_api_address: str, *, poll_interval: float = 0.2, max_tasks: int | None = None
+    runtime_api_address: str,
+    *,
+    poll_interval: float = 0.2,
+    max_tasks: int | None = None,
+    object_wait: float = OBJECT_WAIT,
 ) -> int:
     """Run the SuperNode's ClientApp tasks as they come, until stopped (or ``max_tasks``);
     returns the number of tasks run."""
@@ -67,7 +82,7 @@ def serve_clientapp(
                 )
             )
             if acquired.HasField("task") and acquired.token:
-                run_task(runtime_api_address, acquired.token)
+                run_task(runtime_api_address, acquired.token, object_wait)
                 done += 1
             else:
                 time.sleep(poll_interval)
@@ -76,7 +91,33 @@ def serve_clientapp(
     return done
 
 
-def run_task(runtime_api_address: str, token: str) -> None:
+class MessageGone(Exception):
+    """A task's message stayed unavailable for longer than ``object_wait``."""
+
+
+def bounded_pull(pull: Callable[[Any], Any], object_wait: float) -> Callable[[Any], Any]:
+    """``pull`` (a Runtime API ``PullObject``) that fails for good once its objects have been
+    unavailable for ``object_wait`` seconds in a row; flwr retries any other error-free miss."""
+    missing_since: float | None = None
+
+    def pull_object(request: Any) -> Any:
+        nonlocal missing_since
+        response = pull(request)
+        if response.object_available:
+            missing_since = None
+        else:
+            missing_since = missing_since or time.monotonic()
+            if time.monotonic() - missing_since > object_wait:
+                raise MessageGone(
+                    f"run {request.run_id}: its message did not arrive within {object_wait:g}s "
+                    "(its ServerApp has gone?); giving the task up"
+                )
+        return response
+
+    return pull_object
+
+
+def run_task(runtime_api_address: str, token: str, object_wait: float = OBJECT_WAIT) -> None:
     """One task, as ``flwr-clientapp`` runs it (pull, call the ClientApp, push), minus the
     FAB install and the process exit; an exception becomes an error reply, as there."""
     client = _runtime_client(
@@ -84,6 +125,7 @@ def run_task(runtime_api_address: str, token: str) -> None:
         RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
         RuntimeTokenHttpInterceptor(token),
     )
+    client.PullObject = bounded_pull(client.PullObject, object_wait)  # type: ignore[method-assign]
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context = None
@@ -108,9 +150,14 @@ def run_task(runtime_api_address: str, token: str) -> None:
                 reply_to=message,
             )
         push_message(client, reply, context)
+    except MessageGone as gone:
+        logger.warning("%s", gone)
     except Exception:  # the SuperNode went away or the task expired: wait for the next one
         logger.exception("ClientApp task could not be pulled or pushed")
     finally:
-        push_task_output(client=client, context=context, sub_status=status, details=details)
+        try:
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        except Exception:  # the run has ended: nothing to report the task to
+            logger.exception("ClientApp task output could not be pushed")
         heartbeat.stop()
         client.close()
