@@ -57,7 +57,8 @@ def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed
     """
     cfg = json.loads(json.dumps(base))  # deep copy of plain TOML data
     cfg["seed"] = seed
-    cfg["output_dir"] = str(args.out / f"{method}-seed{seed}")
+    # absolute: a config's paths are relative to its file, and the run's copy lives elsewhere
+    cfg["output_dir"] = str((args.out / f"{method}-seed{seed}").resolve())
     server_method, _, weighting = method.partition("+")
     cfg.setdefault("server", {})["method"] = server_method
     if weighting:

@@ -139,7 +139,8 @@ def test_run_config_splits_method_and_weighting_and_anchors_reward_files(tmp_pat
     args = study.parse_args(["--config", str(tmp_path / "cfg" / "study.toml"), "--out", "o"])
     cfg = study.run_config(base, args, "fedavg+saw", 4)
     assert cfg["server"]["method"] == "fedavg" and cfg["weighting"]["method"] == "saw"
-    assert cfg["output_dir"] == str(Path("o") / "fedavg+saw-seed4")
+    # absolute, so the run's copy of the config means the same wherever it lies
+    assert cfg["output_dir"] == str((Path("o") / "fedavg+saw-seed4").resolve())
     functions = [r["function"] for r in cfg["clients"][0]["rewards"]]
     assert functions == ["math_accuracy", f"{(tmp_path / 'cfg' / 'mine.py').resolve()}:no_digits"]
     plain = study.run_config(base, args, "fedmoa", 0)
