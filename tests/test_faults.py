@@ -47,7 +47,7 @@ from fedmoa.federation.flower.server_app import serve
 from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY
 from fedmoa.federation.server import FederatedServer
 from fedmoa.runs import RunDirectory
-from test_flower import LoopbackGrid, reap_session
+from test_flower import LoopbackGrid, run_in_session
 
 REWARDS = '''
 import os
@@ -709,18 +709,10 @@ def test_flower_simulation_survives_hung_disconnected_and_bad_clients(tmp_path):
     script = tmp_path / "simulate.py"
     script.write_text(SIMULATION)
     run = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(config), str(run), str(tmp_path / "flwr-home"), "4"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    returncode, stdout, stderr, _ = run_in_session(
+        [sys.executable, str(script), str(config), str(run), str(tmp_path / "flwr-home"), "4"]
     )
-    try:
-        stdout, stderr = process.communicate(timeout=400)
-    finally:
-        reap_session(process)
-    assert process.returncode == 0, stderr[-3000:]
+    assert returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.split("SUMMARY ", 1)[1])
     assert summary[0]["rounds"] == 1
 

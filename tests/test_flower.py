@@ -65,6 +65,19 @@ def reap_session(process: subprocess.Popen, grace: float = 60) -> list[int]:
     return [proc.pid for proc in left]
 
 
+def run_in_session(command: list[str], timeout: float = 400) -> tuple[int, str, str, list[int]]:
+    """Run ``command`` to its end in a session of its own, then reap what it left (Ray's
+    processes); returns its exit status, output, errors and the PIDs that outlived it."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        leftovers = reap_session(process)
+    return process.returncode, out, err, leftovers
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run the embedded reference on as many threads as a Flower ClientApp gets (Ray sets
@@ -114,18 +127,8 @@ def test_flower_simulation_matches_embedded_engine(tmp_path):
 
     flower_run = tmp_path / "flower"
     cli = [sys.executable, "-m", "fedmoa.cli", "run", str(config), "--engine", "flower"]
-    process = subprocess.Popen(
-        [*cli, "--output", str(flower_run)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=400)
-    finally:
-        leftovers = reap_session(process)
-    assert process.returncode == 0, stderr[-3000:]
+    returncode, _, stderr, leftovers = run_in_session([*cli, "--output", str(flower_run)])
+    assert returncode == 0, stderr[-3000:]
     assert leftovers == [], "Ray's processes outlived the simulation by more than 60s"
 
     expected, got = adapters(embedded_run), adapters(flower_run)
@@ -496,18 +499,8 @@ def test_flower_simulation_killed_mid_run_resumes_to_an_uninterrupted_runs_adapt
         reap_session(process)
     rounds = [r["round"] for r in RunDirectory(crashed).read_metrics() if r["type"] == "round"]
     assert rounds and rounds[-1] < 3
-    resumed = subprocess.Popen(
-        [*cli, "--resume", str(crashed)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, err = resumed.communicate(timeout=400)
-    finally:
-        reap_session(resumed)
-    assert resumed.returncode == 0, err[-3000:]
+    returncode, _, err, _ = run_in_session([*cli, "--resume", str(crashed)])
+    assert returncode == 0, err[-3000:]
     expected, got = adapters(tmp_path / "embedded"), adapters(crashed)
     assert set(got) == set(expected)
     for name, tensors in expected.items():
