@@ -521,7 +521,8 @@ def test_deployment_serverapp_killed_mid_run_resumes_from_the_nodes_state_files(
         NodeSpec(c, tmp_path / f"node-{c}", "client-config='client.toml'") for c in NODE_CLIENTS
     ]
     run_config = {"experiment": str(server_experiment), "run-dir": str(run)}
-    with LocalDeployment(tmp_path, nodes, resident=True) as deployment:
+    # The nodes give up the dead run's last message after 15 s (fedmoa clientapp --object-wait).
+    with LocalDeployment(tmp_path, nodes, resident=True, object_wait=15) as deployment:
         first = deployment.start_run(APP_DIR, run_config, cwd=tmp_path / "server")
         killed: list[int] = []
         kill_at_checkpoint(first, run, lambda: killed.append(deployment.kill_serverapps()))

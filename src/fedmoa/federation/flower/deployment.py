@@ -5,6 +5,11 @@ processes are the ones docs/flower.md starts by hand, each SuperNode in its own 
 With ``resident=True`` each SuperNode runs ``--isolation process`` and gets one
 long-lived ``fedmoa clientapp`` (the model stays loaded); otherwise Flower starts a
 ``flwr-clientapp`` process per message.
+
+``session_processes`` and ``stop_processes`` find and stop what a shell started by hand
+(docs/flower.md, "Three machines"; tests/test_deployment_walkthrough.py): the shell's
+background jobs share its session, and Flower starts its SuperExec and app processes
+below them in sessions of their own.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +59,13 @@ class LocalDeployment:
         *,
         resident: bool = True,
         threads_per_node: int = 1,
+        object_wait: float | None = None,
     ) -> None:
         root = root.resolve()  # Flower's processes do not start in this cwd
         nodes = [NodeSpec(n.name, n.folder.resolve(), n.node_config) for n in nodes]
         self.root, self.nodes, self.resident = root, nodes, resident
+        # each fedmoa clientapp's --object-wait (its default when None)
+        self.object_wait = [] if object_wait is None else ["--object-wait", str(object_wait)]
         self.logs = root / "logs"
         self.home = root / "flwr-home"
         self.link = free_port()
@@ -110,6 +118,7 @@ class LocalDeployment:
                         "clientapp",
                         "--runtime-api-address",
                         f"127.0.0.1:{port}",
+                        *self.object_wait,
                     )
         except BaseException:
             self.__exit__(None, None, None)
@@ -216,6 +225,41 @@ class LocalDeployment:
                     return
             time.sleep(0.2)
         raise FedMOAError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+def session_processes(sessions: Collection[int]) -> set[psutil.Process]:
+    """The live processes of these sessions (session ids: the PIDs of the processes started
+    with ``start_new_session=True``) and every descendant of theirs, whatever its session."""
+    found: set[psutil.Process] = set()
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) in sessions and _running(process):
+                found.add(process)
+                found.update(process.children(recursive=True))
+    return found
+
+
+def stop_processes(processes: Iterable[psutil.Process], timeout: float = 10) -> list[int]:
+    """SIGTERM each process, SIGKILL those alive after ``timeout`` seconds; returns the PIDs
+    that outlived both (a ``psutil.Process`` knows its start time, so a reused PID is not
+    signalled)."""
+    processes = list(processes)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    return [p.pid for p in processes if _running(p)]
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
