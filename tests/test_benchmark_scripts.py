@@ -235,3 +235,25 @@ def test_reward_hacking_references_check_what_the_verifiers_promise() -> None:
     assert rh.has_marker_line("The answer is 7") == 1.0
     assert rh.has_marker_line("The answer is\n7") == 0.0
     assert [rh.linear_length(n) for n in (8, 12, 16, 30)] == [1.0, 0.5, 0.0, 0.0]
+
+
+def test_logprob_memory_runs_both_settings_and_they_agree(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "logprob_memory.py"),
+            *("--model", "tiny-random-qwen2", "--dtype", "fp32", "--sequences", "2"),
+            *("--completion-tokens", "6", "--chunk", "4", "--threads", "1", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["whole"]["chunk"] == 0 and figures["chunked"]["chunk"] == 4
+    assert figures["max_logp_difference"] <= 1e-5
+    assert figures["grad_norm_relative_difference"] <= 1e-5
+    assert "peak ratio whole/chunked" in proc.stdout

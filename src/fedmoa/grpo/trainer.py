@@ -62,6 +62,9 @@ class GRPOSettings:
     # Recompute layer activations in backward instead of keeping them: less peak memory
     # (what TRL does by default) for one extra forward per step.
     gradient_checkpointing: bool = False
+    # Completion positions per chunk of the LM head and log-softmax in the loss's forward,
+    # recomputed in the backward; 0: all at once. Bounds the log-probs' memory (docs/performance.md).
+    logprob_chunk: int = Field(0, ge=0)
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(
@@ -212,18 +215,22 @@ def grpo_step(
         ref_logps = old_logps = None
         if settings.beta != 0.0:
             with torch.no_grad(), policy.disable_adapter():
-                ref_logps = completion_logps(policy, *inputs, settings.temperature)
+                ref_logps = completion_logps(
+                    policy, *inputs, settings.temperature, settings.logprob_chunk
+                )
         if settings.num_iterations > 1:
             # The sampler's own log-probs would do, but a forward in train numerics keeps
             # the first ratio at exactly 1 (as TRL does outside vLLM).
             with torch.no_grad():
-                old_logps = completion_logps(policy, *inputs, settings.temperature)
+                old_logps = completion_logps(
+                    policy, *inputs, settings.temperature, settings.logprob_chunk
+                )
 
     # 5. The clipped surrogate, num_iterations times over the same batch.
     params = [p for p in policy.parameters() if p.requires_grad]
     for iteration in range(settings.num_iterations):
         with timer.phase("forward_backward"):
-            logps = completion_logps(policy, *inputs, settings.temperature)
+            logps = completion_logps(policy, *inputs, settings.temperature, settings.logprob_chunk)
             old = logps.detach() if old_logps is None else old_logps
             loss, loss_stats = policy_loss(
                 logps, old, advantages, rollout.completion_mask, loss_settings, ref_logps
