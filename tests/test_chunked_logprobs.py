@@ -85,3 +85,43 @@ def test_a_hypergradient_step_runs_on_chunked_logps():
         for key in whole:
             if key.startswith(("weights/", "alignment/")):
                 assert chunked[key] == pytest.approx(whole[key], abs=1e-4), key
+
+
+def test_the_setting_takes_the_chunked_path_in_every_pass(monkeypatch):
+    """``grpo.logprob_chunk`` reaches the loss, the reference pass and the old log-probs."""
+    from fedmoa.grpo import logprobs
+
+    calls = []
+    original = logprobs.chunked_head_logps
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1])  # chunk_tokens
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "chunked_head_logps", counting)
+    for chunk, expected in ((0, []), (3, [3, 3, 3, 3])):
+        calls.clear()
+        torch.manual_seed(0)
+        policy, tokenizer = tiny_policy()
+        settings = GRPOSettings(
+            batch_size=2,
+            group_size=2,
+            max_new_tokens=4,
+            beta=0.04,
+            num_iterations=2,
+            logprob_chunk=chunk,
+        )
+        weighting = HypergradientWeighting.for_model(
+            policy, ["seven", "short"], "seven", [1.0, 0.5], rule="persistent"
+        )
+        LocalTrainer(
+            policy,
+            tokenizer,
+            [{"prompt": p} for p in PROMPTS],
+            [("seven", closeness), ("short", brevity)],
+            weighting,
+            settings,
+            seed=0,
+        ).train(1)
+        # reference, old log-probs, then the loss twice (num_iterations = 2)
+        assert calls == expected

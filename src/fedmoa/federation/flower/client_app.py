@@ -85,6 +85,15 @@ def identify(message: Message, context: Context) -> Message:
     return Message(RecordDict({IDENTITY: ConfigRecord(record)}), reply_to=message)
 
 
+def node_state_folder(node: NodeClient, run_key: str, context: Context) -> Path:
+    """Where this node keeps its client's state: beside its own client file, or in the run
+    directory (the one-file form, whose run config names it)."""
+    if node.in_experiment:
+        run_dir = RunSettings.from_run_config(context.run_config).run_dir
+        return state_folder(node.client.id, run_key, None, run_dir)
+    return state_folder(node.client.id, run_key, str(node.source), None)
+
+
 def train(message: Message, context: Context) -> Message:
     """One client round: the same ``run_client_round`` call as the embedded engine makes.
 
@@ -100,12 +109,7 @@ def train(message: Message, context: Context) -> Message:
     data, reward_funcs = client_inputs(node)
     round_config = message.content[ROUND_CONFIG]
     server_round = int(round_config["server-round"])
-    folder = state_folder(
-        client.id,
-        str(round_config["run-key"]),
-        None if node.in_experiment else str(node.source),
-        RunSettings.from_run_config(context.run_config).run_dir if node.in_experiment else Path(),
-    )
+    folder = node_state_folder(node, str(round_config["run-key"]), context)
     started_from, state = load_state(folder, server_round)
     result = run_client_round(
         model.policy,

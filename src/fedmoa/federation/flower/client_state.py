@@ -32,13 +32,18 @@ PATTERN = "round-{:04d}.pt"
 _ROUND = re.compile(r"round-(\d+)\.pt")
 
 
-def state_folder(client_id: str, run_key: str, client_file: str | None, run_dir: Path) -> Path:
-    """Where this node keeps ``client_id``'s state for the run ``run_key``."""
+def state_folder(
+    client_id: str, run_key: str, client_file: str | None, run_dir: Path | None
+) -> Path:
+    """Where this node keeps ``client_id``'s state for the run ``run_key``: beside
+    ``client_file`` when it has one, else in ``run_dir``."""
     if not re.fullmatch(r"[0-9a-zA-Z_-]+", run_key):
         raise FedMOAError(f"the server sent a malformed run key {run_key!r}")
     if client_file is not None:
         file = Path(client_file)
         return file.with_name(f"{file.name}.state") / run_key
+    if run_dir is None:
+        raise FedMOAError(f"client {client_id!r}: no client file and no run directory")
     return run_dir / "client-state" / run_key / client_id
 
 
