@@ -117,6 +117,10 @@ def test_train_local_writes_config_metrics_and_a_loadable_adapter(tmp_path):
             "rewards[1].function: unknown reward",
         ),
         (('name = "tiny-random-qwen2"', 'name = "/no/such/model"'), "/no/such/model"),
+        (
+            ('name = "tiny-random-qwen2"', 'name = "tiny-random-qwen2"\ndecode = "fast"'),
+            "model.decode: Input should be 'auto', 'compiled' or 'eager'",
+        ),
         (('source = "reasoning_gym"', 'source = "nowhere"'), "data.source"),
         (("steps = 2", "steps = [2"), "invalid TOML"),
     ],

@@ -32,6 +32,7 @@ from fedmoa.federation.flower.records import (
 )
 from fedmoa.federation.flower.server_app import serve
 from fedmoa.federation.flower.settings import EXPERIMENT_KEY, RUN_DIR_KEY
+from fedmoa.grpo.decode import decode_mode
 from fedmoa.runs import RunDirectory
 from test_embedded import EXPERIMENT, USER_REWARD, run_embedded, write_experiment
 
@@ -113,17 +114,23 @@ def files(run: Path) -> set[str]:
 # -- the engines agree ----------------------------------------------------------------------
 
 
-def test_flower_simulation_matches_embedded_engine(tmp_path):
-    """2 rounds, 3 clients with different objectives: bit-identical adapters and records.
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
+def test_flower_simulation_matches_embedded_engine(tmp_path, decode):
+    """2 rounds, 3 clients with different objectives: bit-identical adapters and records,
+    under either decode (``[model] decode``).
 
     Both engines call ``run_client_round`` with the same seed, start adapter and
     client state, and the server sums the updates in client-id order, whatever
     order the Flower replies arrive in, so the results match bit for bit.
     """
     config = write_experiment(tmp_path, "fedmoa", rounds=2)
+    config.write_text(
+        config.read_text().replace('device = "cpu"', f'device = "cpu"\ndecode = "{decode}"', 1)
+    )
     embedded_run = tmp_path / "embedded"
     with torch_threads(1):
         federation, initial = run_embedded(config, embedded_run)
+    assert decode_mode(federation.policy) == decode  # no fallback
 
     flower_run = tmp_path / "flower"
     cli = [sys.executable, "-m", "fedmoa.cli", "run", str(config), "--engine", "flower"]

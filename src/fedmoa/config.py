@@ -29,8 +29,14 @@ from pydantic.dataclasses import dataclass
 
 from fedmoa.data import DataConfig
 from fedmoa.errors import ConfigError, ModelLoadError
+from fedmoa.grpo.decode import set_decode
 from fedmoa.grpo.trainer import GRPOSettings
-from fedmoa.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_dtype
+from fedmoa.models import (
+    DEFAULT_MODEL,
+    default_cache_dir,
+    load_model_and_tokenizer,
+    resolve_dtype,
+)
 from fedmoa.weighting.config import WeightingConfig, resolve_method, unread_keys
 
 STRICT = ConfigDict(extra="forbid")
@@ -51,16 +57,22 @@ class ModelConfig:
     # Expected sha256 of a .gguf ``name``: models repackaged by third parties load only when
     # they are the file you meant.
     sha256: str | None = None
+    # How sampling and greedy evaluation run decode steps: "compiled" (static KV cache and
+    # torch.compile, LoRA live in the graph), "eager", or "auto": what measured faster, i.e.
+    # compiled on CUDA, eager on CPU (docs/performance.md). A failed compile falls back to eager.
+    decode: Literal["auto", "compiled", "eager"] = "auto"
 
     def load(self) -> tuple[Any, Any]:
         """The model and tokenizer this section describes (``fedmoa.models`` does the work)."""
-        return load_model_and_tokenizer(
+        model, tokenizer = load_model_and_tokenizer(
             self.name,
             dtype=self.dtype,
             device=self.device,
             attention=self.attention,
             sha256=self.sha256,
         )
+        set_decode(model, self.decode, cache_dir=default_cache_dir())
+        return model, tokenizer
 
     @field_validator("sha256")
     @classmethod

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
+from fedmoa.grpo import decode
 from fedmoa.grpo.rollout import (
     configured_generation,
     encode_prompts,
@@ -90,6 +92,15 @@ def greedy_generate(
     budget = prompt_budget(model, max_new_tokens)  # longer prompts keep their end (rollout.py)
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    config = GenerationConfig(
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(eos),
+        pad_token_id=pad,
+    )
     was_training = model.training
     model.eval()
     out = Generations(texts=[], num_tokens=[], token_ids=[], truncated=[], seconds=0.0)
@@ -99,18 +110,10 @@ def greedy_generate(
             encoded = encode_prompts(tokenizer, batch, device, budget)
             began = time.perf_counter()
             with configured_generation(model, eos, pad):
-                output = model.generate(
-                    **encoded,
-                    do_sample=False,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=list(eos),
-                    pad_token_id=pad,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
+                generated = decode.generate(
+                    model, encoded["input_ids"], encoded["attention_mask"], config
                 )
             out.seconds += time.perf_counter() - began
-            generated = output[:, encoded["input_ids"].shape[1] :]
             out.texts.extend(tokenizer.batch_decode(generated, skip_special_tokens=True))
             # A row without EOS ran to max_new_tokens: generate only stops early once every
             # row has ended, and then each has its EOS. Tokens after the EOS are padding.

@@ -205,6 +205,8 @@ def run_client_round(
         if state:
             weighting.load_state_dict(state["weighting"])
             trainer.sampler.load_state_dict(state["sampler"])
+            if trainer.scaler.is_enabled() and state.get("grad_scaler"):
+                trainer.scaler.load_state_dict(state["grad_scaler"])
         weighting.begin_round()
         try:
             history = trainer.train(client.local_steps)
@@ -240,6 +242,10 @@ def run_client_round(
         validation_size=validation_size,
     )
     new_state = {"weighting": weighting.state_dict(), "sampler": trainer.sampler.state_dict()}
+    if trainer.scaler.is_enabled():
+        # fp16: the loss scale found so far, or every round would start again from 2^16 and
+        # skip steps (all of them, with one local step a round) until it had come down.
+        new_state["grad_scaler"] = trainer.scaler.state_dict()
     return ClientRoundResult(
         update,
         new_state,

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from fedmoa.errors import ConfigError
+from fedmoa.grpo import decode
 from fedmoa.grpo.logprobs import contiguous_head_input
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class _Sampler(LogitsProcessor):
             truncation.append(TopPLogitsWarper(top_p))
         self.truncation = LogitsProcessorList(truncation)
         self.picked: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self.picked = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         tempered = scores.float()
@@ -240,15 +244,11 @@ def generate_rollouts(
     model.eval()
     try:
         with contiguous_head_input(model), configured_generation(model, eos_ids, pad_id):
-            output = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                generation_config=config,
-                logits_processor=LogitsProcessorList([sampler]),
+            completion_ids = decode.generate(
+                model, prompt_ids, prompt_mask, config, LogitsProcessorList([sampler])
             )
     finally:
         model.train(was_training)
-    completion_ids = output[:, prompt_ids.shape[1] :]
     logps = sampler.finish()
     through_eos = _mask_through_eos(completion_ids, eos_ids)
     lengths = through_eos.sum(1)

@@ -19,13 +19,19 @@ import torch
 
 @dataclass
 class StepSignals:
-    """What a step exposes to the weighting, after the loss graph is built and before backward."""
+    """What a step exposes to the weighting, after the loss graph is built and before backward.
+
+    Given to ``observe_part`` for each micro-batch (its rows only, its part of the loss), then
+    to ``observe`` for the step with ``objective_loss = None``: the parts were the graph.
+    """
 
     objective_advantages: torch.Tensor  # [N, m] per-objective group advantages Â_i
-    objective_loss: Callable[
-        [torch.Tensor], torch.Tensor
-    ]  # advantages [N] -> surrogate on this graph
+    # advantages [N] -> the surrogate on this graph (this micro-batch's share of the batch's)
+    objective_loss: Callable[[torch.Tensor], torch.Tensor] | None
     reward_means: torch.Tensor  # [m] (NaN where an objective applied to no sample)
+    # The factor the step's backward multiplies the loss by (fp16 gradient scaling): gradients
+    # taken from this graph should be taken at that scale and divided by it, not to underflow.
+    loss_scale: float = 1.0
 
 
 @dataclass
@@ -55,6 +61,15 @@ class RewardWeighting(ABC):
         """See the step's rewards before ``weights()`` mixes them; returns metrics to log."""
         del batch
         return {}
+
+    def observe_part(self, signals: StepSignals) -> None:
+        """See one micro-batch's graph (its rows' advantages and loss), before its backward.
+
+        With micro-batches the trainer calls this once per micro-batch and then ``observe``
+        once for the step, with ``signals.objective_loss = None``: a strategy that reads the
+        graph gathers what it needs here. Static and statistics-based strategies ignore it.
+        """
+        del signals
 
     def observe(self, signals: StepSignals) -> dict[str, float]:
         """Update the weights from one step; returns metrics to log. Static strategies ignore it."""

@@ -175,6 +175,7 @@ class HypergradientWeighting(ProbeGradients, RewardWeighting):
         self._no_spread = torch.zeros(m, dtype=torch.bool)
         self.steps = 0  # observe() calls
         self.updates = 0  # logit updates made
+        self._part_seconds = 0.0  # observe_part() time this step, for timing/hypergradient
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -215,6 +216,8 @@ class HypergradientWeighting(ProbeGradients, RewardWeighting):
     def observe_batch(self, batch: RewardBatch) -> dict[str, float]:
         """Saturation bookkeeping (persistent rule), before this step's weights are used, so
         that a saturated objective's weight already falls on the step that confirms it."""
+        self.drop_part_gradients()  # a new step: nothing of an unfinished one counts
+        self._part_seconds = 0.0
         zero = torch.as_tensor(batch.zero_std, dtype=torch.float64).cpu() >= 1.0
         if zero.shape != (len(self.names),):
             raise ValueError(f"zero_std must have shape ({len(self.names)},)")
@@ -228,8 +231,17 @@ class HypergradientWeighting(ProbeGradients, RewardWeighting):
             self.log_gate = gate.clamp(_LOG_GATE_MIN, 0.0)
         return {}
 
+    def observe_part(self, signals: StepSignals) -> None:
+        """One micro-batch's probe gradients, added up for the step's ``observe``."""
+        start = time.perf_counter()
+        self.add_part_gradients(signals)
+        self._part_seconds += time.perf_counter() - start
+
     def observe(self, signals: StepSignals) -> dict[str, float]:
         """Update the logits from this step's graph; call after the loss, before backward.
+
+        After ``observe_part`` calls (micro-batches) the step's probe gradients are their sum,
+        and ``signals.objective_loss`` is not read.
 
         Metrics (same keys every step): ``alignment/<name>`` is ``u_i``, and 0.0 on a
         step without cached gradients (the value that makes no update, and a valid
@@ -240,8 +252,11 @@ class HypergradientWeighting(ProbeGradients, RewardWeighting):
         the one-backward path of ``hook_model`` was taken; ``timing/hypergradient`` is
         this call's wall time.
         """
-        start = time.perf_counter()
-        grads = self.probe_gradients(signals)
+        start = time.perf_counter() - self._part_seconds
+        self._part_seconds = 0.0
+        grads = self.summed_gradients()
+        if grads is None:
+            grads = self.probe_gradients(signals)
         if self.rule == "persistent" and bool(self._no_spread.any()):
             # No spread, no signal: whatever the advantages hold there is rounding residue,
             # whose direction a cosine would read as meaningful.

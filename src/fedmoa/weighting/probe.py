@@ -92,6 +92,9 @@ class ProbeGradients:
         self._capture: torch.Tensor | None = None
         self._capture_failed = False
         self._parts: dict[int, torch.Tensor] = {}
+        # Micro-batches: the sum of their probe gradients so far and the paths they took.
+        self._summed: torch.Tensor | None = None
+        self._summed_paths: set[str] = set()
         self.last_path = "none"  # how the last probe gradients were computed
         self.set_probe_params(probe_params)
 
@@ -203,6 +206,8 @@ class ProbeGradients:
         With ``hook_model`` one backward serves all objectives (see there); without
         it, one backward per objective, skipping objectives with ``Â_i ≡ 0``.
         """
+        if signals.objective_loss is None:
+            raise ValueError("probe gradients need the step's objective_loss")
         adv = torch.nan_to_num(signals.objective_advantages.detach(), nan=0.0)
         m = len(self.names)
         if adv.dim() != 2 or adv.shape[1] != m:
@@ -218,13 +223,18 @@ class ProbeGradients:
         )
         if coef is None or not coef.requires_grad:
             return grads  # the loss does not depend on the probe through the advantage
-        per_sample = self._per_sample_gradients(coef, adv)
+        # fp16: backpropagate at the loss's scale, so that gradients through float16
+        # activations do not underflow, and divide it out below.
+        scale = float(signals.loss_scale)
+        per_sample = self._per_sample_gradients(coef, adv, scale)
         if per_sample is not None:
             grads, self.last_path = per_sample, "per_sample"
         else:
             self.last_path = "per_objective"
             for i in range(m):
                 column = adv[:, i].to(coef.device, coef.dtype)
+                if scale != 1.0:
+                    column = column * scale
                 if not column.any():
                     continue
                 parts = torch.autograd.grad(
@@ -236,6 +246,8 @@ class ProbeGradients:
                         for g, p in zip(parts, self.probe_params, strict=True)
                     ]
                 )
+        if scale != 1.0:
+            grads = grads / scale
         finite = torch.isfinite(grads).all(dim=1)
         if not bool(finite.all()):
             bad = [n for n, ok in zip(self.names, finite.tolist(), strict=True) if not ok]
@@ -243,7 +255,31 @@ class ProbeGradients:
             grads[~finite] = 0.0
         return grads
 
-    def _per_sample_gradients(self, coef: torch.Tensor, adv: torch.Tensor) -> torch.Tensor | None:
+    def add_part_gradients(self, signals: StepSignals) -> None:
+        """Add one micro-batch's probe gradients to the step's sum (the loss is the sum of the
+        micro-batches' shares, so its probe gradients are the sum of theirs)."""
+        grads = self.probe_gradients(signals)
+        self._summed = grads if self._summed is None else self._summed + grads
+        self._summed_paths.add(self.last_path)
+
+    def drop_part_gradients(self) -> None:
+        """Forget micro-batch gradients a failed step left without its ``observe``."""
+        self._summed, self._summed_paths = None, set()
+
+    def summed_gradients(self) -> torch.Tensor | None:
+        """The micro-batches' summed probe gradients since the last call (None if none were
+        added); ``last_path`` says ``per_objective`` if any of them fell back."""
+        grads, paths = self._summed, self._summed_paths
+        self._summed, self._summed_paths = None, set()
+        if grads is not None:
+            self.last_path = next(
+                (p for p in ("per_objective", "per_sample") if p in paths), "none"
+            )
+        return grads
+
+    def _per_sample_gradients(
+        self, coef: torch.Tensor, adv: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor | None:
         """All m probe gradients from one backward through the hooks, or None to fall back."""
         if not self._hooks or len(self._seen) != len(self.probe_params):
             return None
@@ -251,10 +287,9 @@ class ProbeGradients:
         self._capture = adv.to(device, torch.float32)
         self._capture_failed = False
         self._parts = {}
+        seed = torch.ones_like(coef) if scale == 1.0 else torch.full_like(coef, scale)
         try:
-            torch.autograd.grad(
-                coef, self.probe_params, torch.ones_like(coef), retain_graph=True, allow_unused=True
-            )
+            torch.autograd.grad(coef, self.probe_params, seed, retain_graph=True, allow_unused=True)
         finally:
             self._capture = None
         parts, self._parts = self._parts, {}
