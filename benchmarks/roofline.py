@@ -21,7 +21,14 @@ It prints (and with ``--json`` also writes):
    the step's batch ``B·G``, with the LoRA adapter attached (``fedmoa.models.attach_lora``, as
    training decodes) and without it (the base model, i.e. a merged fresh adapter); calls of the
    two models alternate;
-4. achieved / bound, with the bound taken at the bandwidth measured on the decode's own threads.
+4. achieved / bound, with the bound taken at the bandwidth measured on the decode's own threads;
+5. the compiled decode (``[model] decode = "compiled"``, ``fedmoa.grpo.decode``) against the
+   eager one on the same LoRA model: the compile time of the first call, cold (an empty inductor
+   cache in a temporary folder) and warm (``torch._dynamo.reset()`` then the same call: traced
+   again, graphs from the on-disk cache, as a later process finds them), and the decode step of
+   each, taken as (wall time of a call of ``8 + max_new_tokens`` tokens − one of 8) / max_new_tokens
+   (the compiled step cannot carry the forward hook that the figures above use), at batch 1 and
+   ``B·G``, modes alternating, ``--repeats`` pairs; its fraction of the bound.
 
     python benchmarks/roofline.py --threads 1    # SmolLM2-135M, batch 1 and B·G = 8
     python benchmarks/roofline.py --smoke        # tiny random model, seconds
@@ -34,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import local_step
 from _common import finish, parse_on_top, parser_on_top, report_header, start
 
+from fedmoa.grpo.decode import decode_mode, set_decode
 from fedmoa.grpo.rollout import encode_prompts, eos_token_ids
 from fedmoa.models import LoraSettings, attach_lora, load_model_and_tokenizer
 
@@ -221,6 +231,65 @@ def bench_decode(args: argparse.Namespace, bandwidth: dict[str, float]) -> dict[
     return {"rows": rows, "machine_load": load.figures}
 
 
+def timed_call(model: Any, tokenizer: Any, prompts: list[Any], args: argparse.Namespace) -> float:
+    start = time.perf_counter()
+    local_step.call_ours(model, tokenizer, prompts, args)
+    return time.perf_counter() - start
+
+
+def bench_compiled(args: argparse.Namespace, bandwidth: dict[str, float]) -> dict[str, Any]:
+    """Compile times and decode steps, compiled vs eager, at batch 1 and B·G."""
+    cache = tempfile.mkdtemp(prefix="fedmoa-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # cold: nothing compiled before
+    base, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device="cpu")
+    model = attach_lora(base, LoraSettings())
+    prompts = [r["prompt"] for r in local_step.rows_for(args)]
+    shapes = {1: (1, 1), args.batch_size * args.group_size: (args.batch_size, args.group_size)}
+    short, long = 8, 8 + args.max_new_tokens
+    eos = eos_token_ids(model, tokenizer)
+    rows = []
+    with local_step.LoadMeter() as load, local_step.suppress_eos(model, eos):
+        for batch, (b, g) in shapes.items():
+            at = {
+                n: argparse.Namespace(
+                    **{**vars(args), "batch_size": b, "group_size": g, "max_new_tokens": n}
+                )
+                for n in (short, long)
+            }
+            set_decode(model, "compiled")
+            cold = timed_call(model, tokenizer, prompts[:b], at[long])
+            torch._dynamo.reset()
+            warm = timed_call(model, tokenizer, prompts[:b], at[long])
+            compiled_call = timed_call(model, tokenizer, prompts[:b], at[long])
+            assert decode_mode(model) == "compiled", "compiling failed: see the log"
+            steps: dict[str, list[float]] = {"eager": [], "compiled": []}
+            for repeat in range(args.repeats):
+                for mode in ("eager", "compiled") if repeat % 2 == 0 else ("compiled", "eager"):
+                    set_decode(model, mode)
+                    torch.manual_seed(2000 + repeat)
+                    t_long = timed_call(model, tokenizer, prompts[:b], at[long])
+                    torch.manual_seed(2000 + repeat)
+                    t_short = timed_call(model, tokenizer, prompts[:b], at[short])
+                    steps[mode].append((t_long - t_short) / (long - short))
+            bound_s = weight_bytes_read(model) / (bandwidth["best_gb_s"] * GB)
+            row = {
+                "batch": batch,
+                "cold_first_call_s": cold,
+                "warm_first_call_s": warm,
+                "compiled_call_s": compiled_call,
+                "bound_step_ms": 1e3 * bound_s,
+            }
+            for mode, values in steps.items():
+                step = statistics.median(values)
+                row[f"{mode}_step_ms"] = 1e3 * step
+                row[f"{mode}_fraction_of_bound"] = bound_s / step
+            row["speedup"] = row["eager_step_ms"] / row["compiled_step_ms"]
+            rows.append(row)
+    set_decode(model, "eager")
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"rows": rows, "machine_load": load.figures, "short": short, "long": long}
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +333,23 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
             f"{row['fraction_of_bound_cpu_time']:7.3f}"
         )
     lines.append("   (weights and KV in MB = MiB; tok/s = batch / median step time)")
+    comp = results["compiled"]
+    lines += [
+        "",
+        "5. compiled decode vs eager, same LoRA model: decode step = (call of "
+        f"{comp['long']} tokens - call of {comp['short']}) / {comp['long'] - comp['short']}, "
+        "median; first-call times include the compile",
+        f"   machine load during section: {local_step._load_text(comp['machine_load'])}",
+        f"   {'batch':>5}{'cold 1st s':>11}{'warm 1st s':>11}{'call s':>8}{'eager ms':>9}"
+        f"{'compiled ms':>12}{'speedup':>8}{'bound ms':>9}{'eager/bnd':>10}{'comp/bnd':>9}",
+    ]
+    for row in comp["rows"]:
+        lines.append(
+            f"   {row['batch']:5d}{row['cold_first_call_s']:11.1f}{row['warm_first_call_s']:11.1f}"
+            f"{row['compiled_call_s']:8.2f}{row['eager_step_ms']:9.1f}{row['compiled_step_ms']:12.1f}"
+            f"{row['speedup']:8.2f}{row['bound_step_ms']:9.1f}"
+            f"{row['eager_fraction_of_bound']:10.3f}{row['compiled_fraction_of_bound']:9.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -274,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     own = next(r for r in results["bandwidth"]["runs"] if r["threads"] == torch.get_num_threads())
     results["bound_bandwidth"] = own
     results["decode"] = bench_decode(args, own)
+    results["compiled"] = bench_compiled(args, own)
     return finish(args, argv, results, format_report)
 
 

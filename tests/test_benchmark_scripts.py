@@ -97,6 +97,11 @@ def test_roofline_smoke(tmp_path: Path) -> None:
             "fraction_of_bound",
         }
         assert row["bound_tok_s"] > 0
+    compiled = figures["compiled"]["rows"]
+    assert [r["batch"] for r in compiled] == [1, 4]
+    for row in compiled:
+        assert row["cold_first_call_s"] > 0 and row["warm_first_call_s"] > 0
+        assert row["eager_step_ms"] > 0 and row["compiled_step_ms"] > 0 and row["speedup"] > 0
 
 
 BASE_EXPERIMENT = """
@@ -257,3 +262,38 @@ def test_logprob_memory_runs_both_settings_and_they_agree(tmp_path: Path) -> Non
     assert figures["max_logp_difference"] <= 1e-5
     assert figures["grad_norm_relative_difference"] <= 1e-5
     assert "peak ratio whole/chunked" in proc.stdout
+
+
+def test_prompt_once_times_both_sides_and_they_agree(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "prompt_once.py"),
+            *("--smoke", "--dtype", "fp32", "--threads", "1", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for side in ("whole", "prompt_once"):
+        assert len(figures[side]["wall_s"]) == figures["args"]["repeats"]
+        assert figures[side]["median_wall_s"] > 0
+    assert figures["ratio_wall_whole_over_prompt_once"] > 0
+    assert figures["max_logp_difference"] <= 1e-5
+    assert figures["grad_relative_difference"] <= 1e-5
+    assert "ratio whole/prompt_once" in proc.stdout
+
+
+def test_learning_speed_smoke(tmp_path: Path) -> None:
+    figures = run_smoke("learning_speed.py", tmp_path)
+    runs = {run["variant"]: run for run in figures["runs"]}
+    assert set(runs) == {"plain", "prompt-once", "compiled"}
+    assert runs["compiled"]["decode_used"] == "compiled"
+    for run in runs.values():
+        assert run["train_seconds"] > 0 and len(run["train_reward"]) == figures["args"]["steps"]
+        assert set(run["median_split_s"]) == {"generate", "forward_backward", "rest"}
+        assert 0 <= run["test_verifier"] <= 1

@@ -120,7 +120,7 @@ def test_one_micro_batch_of_the_whole_batch_is_the_plain_path_bit_for_bit():
     assert all(torch.equal(same_adapter[k], whole_adapter[k]) for k in whole_adapter)
 
 
-def hypergradient_run(micro_batch_size: int, per_sample: bool):
+def hypergradient_run(micro_batch_size: int, per_sample: bool, prompt_once: bool = False):
     """Two steps with the hypergradient: logs, and its probe gradients after each step (the
     cosine rule caches the step's own)."""
     torch.manual_seed(0)
@@ -135,6 +135,7 @@ def hypergradient_run(micro_batch_size: int, per_sample: bool):
         lr=0.05,
         beta=0.04,
         micro_batch_size=micro_batch_size,
+        prompt_once=prompt_once,
     )
     trainer = LocalTrainer(
         policy,
@@ -290,3 +291,39 @@ def test_a_client_override_is_checked_against_the_merged_settings(tmp_path: Path
     assert "\n" not in message
     assert "client_defaults.grpo.micro_batch_size (in clients[1])" in message, message
     assert "4 does not divide batch_size × group_size = 2 × 3 = 6" in message, message
+
+
+@pytest.mark.parametrize("micro_batch_size", [0, 2, 4])
+def test_prompt_once_gives_the_plain_step(micro_batch_size):
+    """``grpo.prompt_once`` with the whole batch, half groups (2 of G = 4) and whole groups:
+    the same loss, metrics and gradients as every row's own prompt, at every optimizer step."""
+    settings = GRPOSettings(
+        batch_size=2,
+        group_size=4,
+        max_new_tokens=8,
+        lr=0.05,
+        beta=0.04,
+        num_iterations=2,
+        micro_batch_size=micro_batch_size,
+    )
+    plain, plain_grads, _ = two_steps(settings)
+    once, once_grads, _ = two_steps(dataclasses.replace(settings, prompt_once=True))
+    for a, b in zip(logged(plain), logged(once), strict=True):
+        assert a["completions/mean_length"] == b["completions/mean_length"]
+        assert b == pytest.approx(a, abs=1e-5)
+    for step_plain, step_once in zip(plain_grads, once_grads, strict=True):
+        scale = max(g.abs().max().item() for g in step_plain)
+        for g_plain, g_once in zip(step_plain, step_once, strict=True):
+            torch.testing.assert_close(g_once, g_plain, atol=1e-5 * scale, rtol=0)
+
+
+def test_prompt_once_keeps_the_hypergradient_probe():
+    """The shared prompt's gradient is already summed over its G rows, so the per-sample
+    hooks cannot split it: the probe takes one backward per objective, to the same result."""
+    plain, plain_probes, _ = hypergradient_run(0, per_sample=True)
+    once, once_probes, weighting = hypergradient_run(0, per_sample=True, prompt_once=True)
+    assert weighting.last_path == "per_objective"
+    for a, b in zip(logged(plain), logged(once), strict=True):
+        assert b == pytest.approx({**a, "hypergrad/per_sample": 0.0}, abs=1e-5)
+    for a, b in zip(plain_probes, once_probes, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5 * a.abs().max().item(), rtol=0)

@@ -44,6 +44,7 @@ def completion_logps(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int = 0,
+    group_size: int = 1,
 ) -> torch.Tensor:
     """Log-probs [N, T] of ``completion_ids`` given left-padded prompts.
 
@@ -54,7 +55,27 @@ def completion_logps(
     positions at a time and are recomputed in the backward (:func:`chunked_head_logps`), so
     no ``[T, V]`` float32 tensor per sequence is kept for the backward, only the final hidden
     states ``[N, T, H]``. Same values within float rounding.
+
+    ``group_size = G > 1``: the rows are prompt-major groups of ``G`` sharing one prompt (a
+    GRPO batch), and each distinct prompt runs through the model once
+    (:func:`shared_prompt_logps`); same values and gradients within float rounding, fewer
+    FLOPs. Rows that are not such groups raise ``ValueError``. With activation checkpointing
+    on, a forward that builds a graph falls back to the whole sequences (transformers drops
+    the KV cache there), as do models with sliding-window layers (:func:`shared_prompt_applies`).
     """
+    if group_size > 1:
+        check_groups(prompt_ids, prompt_mask, group_size)
+        if completion_ids.shape[1] > 0 and shared_prompt_applies(model):
+            return shared_prompt_logps(
+                model,
+                prompt_ids,
+                prompt_mask,
+                completion_ids,
+                completion_mask,
+                temperature,
+                chunk_tokens,
+                group_size,
+            )
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
     width = completion_ids.shape[1]
@@ -80,6 +101,124 @@ def completion_logps(
     if temperature != 1.0:
         logits = logits / temperature
     return selective_log_softmax(logits, completion_ids)
+
+
+def check_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int) -> None:
+    """Raise ``ValueError`` unless the rows are consecutive groups of ``group_size`` rows with
+    the same prompt ids and mask (a GRPO batch: ``Rollout.prompt_ids``)."""
+    rows = prompt_ids.shape[0]
+    if rows % group_size:
+        raise ValueError(f"{rows} rows are not groups of {group_size}")
+    for name, tensor in (("prompt_ids", prompt_ids), ("prompt_mask", prompt_mask)):
+        grouped = tensor.reshape(rows // group_size, group_size, -1)
+        if not torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
+            raise ValueError(
+                f"the rows' {name} differ within a group of {group_size}: group_size is only "
+                "for prompt-major groups sharing one prompt"
+            )
+
+
+def shared_prompt_applies(model: torch.nn.Module) -> bool:
+    """Whether :func:`shared_prompt_logps` can run ``model``: not while activation checkpointing
+    is on in a forward that builds a graph (transformers then drops the KV cache, as the
+    recompute in the backward would append to it again), and only with full attention in every
+    layer (a sliding-window cache would differ from the whole-sequence mask)."""
+    if (
+        model.training
+        and torch.is_grad_enabled()
+        and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    ):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_types = getattr(base.config, "layer_types", None)
+    return layer_types is None or all(kind == "full_attention" for kind in layer_types)
+
+
+def shared_prompt_logps(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float,
+    chunk_tokens: int,
+    group_size: int,
+) -> torch.Tensor:
+    """:func:`completion_logps` with each group's shared prompt run through the model once.
+
+    In a GRPO batch the ``G`` rows of a group share their left-padded prompt, so the
+    whole-sequence forward runs every prompt token ``G`` times, forward and backward. Here the
+    ``B = N / G`` distinct prompts run once with a KV cache, the cache is repeated ``G`` times
+    along the batch (``repeat_interleave``: differentiable, so the ``G`` rows' gradients sum
+    into the prompt's activations), and the completions run on it with the whole attention
+    mask and the positions continuing the prompt's. The log-prob of completion token 0 comes
+    from the prompt pass's last position, tokens ``1 … T-1`` from the completion pass, which
+    skips the last completion token (its logits predict nothing). A causal LM's outputs at a
+    position depend only on the tokens up to it, so values and gradients are those of the
+    whole-sequence forward within float rounding. The caller checks the groups
+    (:func:`check_groups`) and that the model allows it (:func:`shared_prompt_applies`).
+    """
+    rows, width = completion_ids.shape
+    prompts = prompt_ids[::group_size]
+    prompt_part_mask = prompt_mask[::group_size]
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    attention_mask = attention_mask[:, :-1]  # the last completion token is not an input
+    positions = position_ids_from_mask(attention_mask)
+    prompt_len = prompt_ids.shape[1]
+    prompt_inputs = {
+        "input_ids": prompts,
+        "attention_mask": prompt_part_mask,
+        "position_ids": position_ids_from_mask(prompt_part_mask),
+        "use_cache": True,
+    }
+    completion_inputs = {
+        "input_ids": completion_ids[:, :-1],
+        "attention_mask": attention_mask,
+        "position_ids": positions[:, prompt_len:],
+        "use_cache": True,
+    }
+    if chunk_tokens > 0:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = base.get_decoder()
+        out = decoder(**prompt_inputs)
+        first = out.last_hidden_state[:, -1:, :].repeat_interleave(group_size, dim=0)
+        if width > 1:
+            cache = _repeated_cache(out, group_size)
+            rest = decoder(**completion_inputs, cache=cache).last_hidden_state
+            hidden = torch.cat([first, rest], dim=1)
+        else:
+            hidden = first
+        head = base.get_output_embeddings()
+        return chunked_head_logps(head, hidden, completion_ids, temperature, chunk_tokens)
+    with contiguous_head_input(model):
+        out = model(**prompt_inputs, logits_to_keep=1)
+        first_logits = out.logits[:, -1, :]
+        if temperature != 1.0:
+            first_logits = first_logits / temperature
+        groups = torch.arange(rows, device=completion_ids.device) // group_size
+        first = torch.log_softmax(first_logits.float(), dim=-1)[groups, completion_ids[:, 0]]
+        if width == 1:
+            return first.unsqueeze(1)
+        cache = _repeated_cache(out, group_size)
+        logits = model(**completion_inputs, cache=cache).logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    rest = selective_log_softmax(logits, completion_ids[:, 1:])
+    return torch.cat([first.unsqueeze(1), rest], dim=1)
+
+
+def _repeated_cache(output: object, group_size: int) -> object:
+    """The prompt pass's KV cache, each prompt's entries repeated for the ``G`` rows of its group."""
+    cache = getattr(output, "cache", None)
+    if cache is None:
+        cache = getattr(output, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        raise RuntimeError(
+            "the prompt pass returned no KV cache to share; call completion_logps without "
+            "group_size for this model"
+        )
+    cache.batch_repeat_interleave(group_size)
+    return cache
 
 
 def chunked_head_logps(

@@ -7,6 +7,7 @@ The federated engines call the same ``LocalTrainer`` for every client.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass as config_dataclass
 
 from fedmoa.grpo.advantages import (
@@ -26,7 +27,7 @@ from fedmoa.grpo.advantages import (
     objective_zero_std,
 )
 from fedmoa.grpo.logprobs import completion_logps
-from fedmoa.grpo.loss import LossSettings, LossType, policy_loss
+from fedmoa.grpo.loss import BatchTotals, LossSettings, LossType, policy_loss
 from fedmoa.grpo.rollout import Rollout, SamplingSettings, generate_rollouts
 from fedmoa.rewards import RewardFunc, compute_rewards
 from fedmoa.weighting import RewardBatch, RewardWeighting, StepSignals
@@ -65,6 +66,24 @@ class GRPOSettings:
     # Completion positions per chunk of the LM head and log-softmax in the loss's forward,
     # recomputed in the backward; 0: all at once. Bounds the log-probs' memory (docs/performance.md).
     logprob_chunk: int = Field(0, ge=0)
+    # Run each prompt once in the log-prob forwards, its KV cache shared by its G completions,
+    # instead of G times: same values and gradients, fewer FLOPs. Not under gradient
+    # checkpointing, where the training forward falls back to whole sequences.
+    prompt_once: bool = False
+    # Rows of the B·G batch per forward and backward, gradients accumulated; 0: the whole batch
+    # at once. Same loss and gradients, less activation memory; must divide B·G.
+    micro_batch_size: int = Field(0, ge=0)
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _divides_the_batch(cls, value: int, info: ValidationInfo) -> int:
+        batch, group = info.data.get("batch_size"), info.data.get("group_size")
+        if value and batch is not None and group is not None and (batch * group) % value:
+            raise ValueError(
+                f"{value} does not divide batch_size × group_size = {batch} × {group} = "
+                f"{batch * group}"
+            )
+        return value
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings(
@@ -155,6 +174,13 @@ def completion_metrics(rollout: Rollout) -> dict[str, float]:
     }
 
 
+def micro_batches(rows: int, size: int) -> list[slice]:
+    """Consecutive row ranges of ``size`` rows (``0``: one range, the whole batch)."""
+    if size <= 0 or size >= rows:
+        return [slice(0, rows)]
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
 def grpo_step(
     policy: Any,
     tokenizer: Any,
@@ -165,10 +191,18 @@ def grpo_step(
     settings: GRPOSettings,
     timer: PhaseTimer | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One GRPO update of ``policy`` (a PEFT model) on the prompts in ``rows``.
 
-    ``regularizer`` adds a term to the loss (FedProx's proximal term).
+    ``regularizer`` adds a term to the loss (FedProx's proximal term), once per optimizer
+    step. ``scaler``: fp16 gradient scaling (``LocalTrainer`` passes one for a float16
+    model); a step whose scaled gradients overflowed is skipped.
+
+    With ``settings.micro_batch_size`` the reference, old-policy and loss passes run over
+    consecutive rows a micro-batch at a time, gradients accumulated; each micro-batch's loss
+    is its share of the whole batch's (``BatchTotals``), so loss, metrics and gradients are
+    those of the whole batch.
     """
     timer = timer or PhaseTimer()
     group = settings.group_size
@@ -211,51 +245,97 @@ def grpo_step(
         rollout.completion_ids,
         rollout.completion_mask,
     )
+    # Micro-batches of consecutive rows (prompt-major groups; one may end inside a group, the
+    # advantages being the whole batch's). One micro-batch is the whole batch, on the plain path.
+    spans = micro_batches(rollout.completion_ids.shape[0], settings.micro_batch_size)
+    totals = BatchTotals.of(rollout.completion_mask) if len(spans) > 1 else None
+
+    def logps_of(span: slice) -> torch.Tensor:
+        part = (t[span] for t in inputs)
+        # A span starts on a multiple of its length, so runs of gcd(length, G) rows share a
+        # prompt even where a micro-batch ends inside a group.
+        shared = math.gcd(span.stop - span.start, group) if settings.prompt_once else 1
+        return completion_logps(
+            policy, *part, settings.temperature, settings.logprob_chunk, group_size=shared
+        )
+
+    def logps_without_grad() -> torch.Tensor:
+        with torch.no_grad():
+            parts = [logps_of(span) for span in spans]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     with timer.phase("forward_backward"):
         ref_logps = old_logps = None
         if settings.beta != 0.0:
-            with torch.no_grad(), policy.disable_adapter():
-                ref_logps = completion_logps(
-                    policy, *inputs, settings.temperature, settings.logprob_chunk
-                )
+            with policy.disable_adapter():
+                ref_logps = logps_without_grad()
         if settings.num_iterations > 1:
             # The sampler's own log-probs would do, but a forward in train numerics keeps
             # the first ratio at exactly 1 (as TRL does outside vLLM).
-            with torch.no_grad():
-                old_logps = completion_logps(
-                    policy, *inputs, settings.temperature, settings.logprob_chunk
-                )
+            old_logps = logps_without_grad()
 
     # 5. The clipped surrogate, num_iterations times over the same batch.
     params = [p for p in policy.parameters() if p.requires_grad]
+    reward_means = torch.nanmean(rewards, dim=0)
+    scale, skipped = 1.0, 0
     for iteration in range(settings.num_iterations):
-        with timer.phase("forward_backward"):
-            logps = completion_logps(policy, *inputs, settings.temperature, settings.logprob_chunk)
-            old = logps.detach() if old_logps is None else old_logps
-            loss, loss_stats = policy_loss(
-                logps, old, advantages, rollout.completion_mask, loss_settings, ref_logps
-            )
-            if iteration == 0:
-                # 6. Let the weighting look at this step's graph (the hypergradient needs it).
-                signals = StepSignals(
-                    objective_advantages=per_objective,
-                    objective_loss=lambda adv, lp=logps, old=old: policy_loss(
-                        lp, old, adv, rollout.completion_mask, loss_settings, ref_logps
-                    )[0],
-                    reward_means=torch.nanmean(rewards, dim=0),
+        optimizer.zero_grad(set_to_none=True)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        loss_value, loss_stats = 0.0, dict[str, float]()
+        for index, span in enumerate(spans):
+            with timer.phase("forward_backward"):
+                logps = logps_of(span)
+                old = logps.detach() if old_logps is None else old_logps[span]
+                ref = None if ref_logps is None else ref_logps[span]
+                mask = rollout.completion_mask[span]
+                loss, stats = policy_loss(
+                    logps, old, advantages[span], mask, loss_settings, ref, totals
                 )
-                with timer.phase("weighting"):
-                    metrics.update(weighting.observe(signals))
-            if regularizer is not None:
-                penalty = regularizer()
-                metrics["proximal_term"] = penalty.item()
-                loss = loss + penalty
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+                if iteration == 0:
+                    # 6. Let the weighting look at this step's graph (the hypergradient needs
+                    #    it): the whole batch's, or each micro-batch's part of it.
+                    signals = StepSignals(
+                        objective_advantages=per_objective[span],
+                        objective_loss=lambda adv, lp=logps, old=old, mask=mask, ref=ref: (
+                            policy_loss(lp, old, adv, mask, loss_settings, ref, totals)[0]
+                        ),
+                        reward_means=reward_means,
+                        loss_scale=scale,
+                    )
+                    with timer.phase("weighting"):
+                        if totals is None:
+                            metrics.update(weighting.observe(signals))
+                        else:
+                            weighting.observe_part(signals)
+                if regularizer is not None and index == len(spans) - 1:
+                    penalty = regularizer()
+                    metrics["proximal_term"] = penalty.item()
+                    loss = loss + penalty
+                loss_value += loss.item()
+                for key, value in stats.items():
+                    loss_stats[key] = loss_stats.get(key, 0.0) + value
+                (loss if scaler is None else scaler.scale(loss)).backward()
+        if iteration == 0 and totals is not None:
+            with timer.phase("weighting"):
+                metrics.update(
+                    weighting.observe(StepSignals(per_objective, None, reward_means, scale))
+                )
         # 7. AdamW step on the LoRA parameters with the combined gradient.
         with timer.phase("optimizer"):
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skipped when a gradient is inf or NaN
+                scaler.update()  # which then lowers the scale
+                skipped += scaler.get_scale() < scale
+    if scaler is not None:
+        # Only with fp16 scaling, which a run's model decides for all its clients and steps,
+        # so the metric keys stay the same within a run (bf16/fp32 runs log as before).
+        metrics["grad_scale"] = scale  # the scale of the last backward
+        metrics["skipped_step"] = skipped / settings.num_iterations
     metrics.update(loss_stats)
     metrics.update(adv_stats)
     metrics.update(reward_metrics(names, rewards, weights))
@@ -263,7 +343,7 @@ def grpo_step(
         {f"frac_reward_zero_std/{n}": float(z) for n, z in zip(names, zero_std, strict=True)}
     )
     metrics.update(completion_metrics(rollout))
-    metrics["loss"] = loss.item()
+    metrics["loss"] = loss_value
     metrics["grad_norm"] = grad_norm.item()
     return metrics
 
@@ -307,8 +387,16 @@ class PromptSampler:
         self.rng.setstate((version, tuple(internal), gauss))
 
 
+def computes_in_float16(policy: Any) -> bool:
+    """Whether the frozen base model is float16 (PEFT keeps LoRA weights float32), so that
+    gradients through its activations need loss scaling to not underflow."""
+    frozen = (p for p in policy.parameters() if not p.requires_grad and p.is_floating_point())
+    return next(frozen, torch.empty(0)).dtype == torch.float16
+
+
 class LocalTrainer:
-    """A client's training state: policy, optimizer, prompt sampler and weighting."""
+    """A client's training state: policy, optimizer, prompt sampler and weighting, and for a
+    float16 model the gradient scaler (its state travels with the client's between rounds)."""
 
     def __init__(
         self,
@@ -334,6 +422,8 @@ class LocalTrainer:
             lr=settings.lr,
             weight_decay=settings.weight_decay,
         )
+        device = next(policy.parameters()).device.type
+        self.scaler = torch.amp.GradScaler(device, enabled=computes_in_float16(policy))
         self.global_step = 0
         set_gradient_checkpointing(policy, settings.gradient_checkpointing)
 
@@ -351,6 +441,7 @@ class LocalTrainer:
             self.settings,
             timer,
             self.regularizer,
+            self.scaler if self.scaler.is_enabled() else None,
         )
         self.global_step += 1
         metrics.update(self.weighting.weight_metrics())
