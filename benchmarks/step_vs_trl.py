@@ -13,6 +13,8 @@ round), so that a slow minute of a busy machine hurts every side alike:
 ``base`` / ``base-gc``   ``LocalTrainer.step()`` of the commit before the speed work
                          (``--baseline-ref``, checked out as a git worktree), so that the speed-up
                          is measured in the same run, not remembered.
+``--prompt-once``        ``ours`` sides with ``grpo.prompt_once = true`` (each group's prompt once
+                         in the training forward; ``ours-gc`` falls back to whole sequences).
 
 EOS is masked out of the logits while sampling (only then) on every side, so every step trains
 on exactly ``B·G`` sequences of padded prompt + ``max_new_tokens`` tokens: equal work. Per step:
@@ -76,6 +78,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient")
     parser.add_argument("--loss-type", default="grpo", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of 'base'")
+    parser.add_argument(
+        "--prompt-once",
+        action="store_true",
+        help="ours: grpo.prompt_once = true (each group's prompt once in the training forward)",
+    )
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     argv = list(argv or [])
     # The study's step unless the command line says otherwise.
@@ -112,6 +119,7 @@ def ours_side(args: argparse.Namespace, checkpointing: bool) -> Side:
         loss_type=args.loss_type,
         lr=LR,
         gradient_checkpointing=checkpointing,
+        **({"prompt_once": True} if args.prompt_once else {}),  # base's settings lack the key
     )
     for group in trainer.optimizer.param_groups:
         group["lr"] = LR
@@ -261,6 +269,8 @@ def run_child(args: argparse.Namespace, side: str, base: Path | None) -> dict[st
     argv[1] = str(Path(__file__).resolve())
     argv += ["--child", side, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     argv += ["--beta", str(args.beta), "--loss-type", args.loss_type]
+    if args.prompt_once and side.startswith("ours"):
+        argv.append("--prompt-once")
     env = dict(os.environ)
     if side.startswith("base"):
         assert base is not None

@@ -180,3 +180,48 @@ def test_the_hypergradient_probe_sees_the_same_gradients(probe):
     assert whole[0].norm() > 0 and torch.count_nonzero(whole[2]) == 0
     scale = whole.abs().max().item()
     torch.testing.assert_close(shared, whole, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sampling_prefills_each_prompt_once_and_draws_the_same_tokens(arch):
+    """``SamplingSettings.prompt_once``: the prefill runs each prompt but its last token once,
+    its cache repeated for the group; prompts of different lengths (left padding), same seed:
+    the same completions and sampling log-probs as the whole prefill."""
+    from fedmoa.grpo.rollout import SamplingSettings, generate_rollouts
+
+    policy, tokenizer = random_lora_policy(arch)
+    prompts = [
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        [{"role": "system", "content": "Reply with one line."}, {"role": "user", "content": "7?"}],
+    ]
+    runs = {}
+    for once in (False, True):
+        torch.manual_seed(11)
+        settings = SamplingSettings(
+            group_size=3, max_new_tokens=8, temperature=0.9, prompt_once=once
+        )
+        runs[once] = generate_rollouts(policy, tokenizer, prompts, settings)
+    plain, once = runs[False], runs[True]
+    assert plain.prompt_mask[0, 0] == 0 or plain.prompt_mask[3, 0] == 0  # left padding present
+    assert torch.equal(once.completion_ids, plain.completion_ids)
+    assert once.completions == plain.completions
+    torch.testing.assert_close(once.sampling_logps, plain.sampling_logps, rtol=0, atol=1e-5)
+    assert policy.training  # restored
+
+
+def test_the_prefill_cache_holds_each_prompt_once_before_repeating():
+    policy, _ = random_lora_policy("llama")
+    prompt_ids, prompt_mask, *_ = grouped_batch(0)
+    calls = []
+    decoder = policy.get_base_model().get_decoder()
+    handle = decoder.register_forward_pre_hook(
+        lambda _m, _a, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            cache = logprobs.prompt_prefix_cache(policy, prompt_ids, prompt_mask, G)
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([B, prompt_ids.shape[1] - 1])]
+    assert cache.get_seq_length() == prompt_ids.shape[1] - 1
+    assert cache.layers[0].keys.shape[0] == B * G

@@ -111,15 +111,21 @@ def generate(
     attention_mask: torch.Tensor,
     config: GenerationConfig,
     logits_processor: LogitsProcessorList | None = None,
+    prompt_cache: Any | None = None,
 ) -> torch.Tensor:
     """``model.generate`` under the model's decode plan; returns only the new tokens [N, T].
 
-    Processors with a ``reset()`` method are reset before an eager retry.
+    ``prompt_cache``: a KV cache of the prompts' first tokens for the eager decode
+    (``logprobs.prompt_prefix_cache``), so that the prefill runs only the rest; the compiled
+    decode fills its static cache itself. Processors with a ``reset()`` method are reset
+    before an eager retry.
     """
     mode = decode_mode(model)
     width = input_ids.shape[1]
     if mode == "eager":
-        return _generate(model, input_ids, attention_mask, config, logits_processor)[:, width:]
+        return _generate(model, input_ids, attention_mask, config, logits_processor, prompt_cache)[
+            :, width:
+        ]
     pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     ids, mask = bucket_prompts(input_ids, attention_mask, pad_id)
     compiled_config = copy.deepcopy(config)
@@ -157,6 +163,7 @@ def _generate(
     attention_mask: torch.Tensor,
     config: GenerationConfig,
     logits_processor: LogitsProcessorList | None,
+    prompt_cache: Any | None = None,
 ) -> torch.Tensor:
     return model.generate(
         input_ids=input_ids,
@@ -165,4 +172,5 @@ def _generate(
         logits_processor=logits_processor
         if logits_processor is not None
         else LogitsProcessorList(),
+        **({"cache": prompt_cache} if prompt_cache is not None else {}),
     )

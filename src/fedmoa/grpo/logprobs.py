@@ -183,7 +183,7 @@ def shared_prompt_logps(
         out = decoder(**prompt_inputs)
         first = out.last_hidden_state[:, -1:, :].repeat_interleave(group_size, dim=0)
         if width > 1:
-            cache = _repeated_cache(out, group_size)
+            cache = repeated_cache(out, group_size)
             rest = decoder(**completion_inputs, cache=cache).last_hidden_state
             hidden = torch.cat([first, rest], dim=1)
         else:
@@ -199,7 +199,7 @@ def shared_prompt_logps(
         first = torch.log_softmax(first_logits.float(), dim=-1)[groups, completion_ids[:, 0]]
         if width == 1:
             return first.unsqueeze(1)
-        cache = _repeated_cache(out, group_size)
+        cache = repeated_cache(out, group_size)
         logits = model(**completion_inputs, cache=cache).logits
     if temperature != 1.0:
         logits = logits / temperature
@@ -207,7 +207,30 @@ def shared_prompt_logps(
     return torch.cat([first.unsqueeze(1), rest], dim=1)
 
 
-def _repeated_cache(output: object, group_size: int) -> object:
+def prompt_prefix_cache(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int
+) -> object:
+    """The KV cache of each group's prompt but its last token, repeated for the group's rows.
+
+    Sampling's prefill would otherwise run every prompt ``G`` times (on 2 CPU cores, 1.2 of
+    the 1.3 s a 32-row prefill of 35-token prompts takes); ``generate`` given this cache
+    runs only the last prompt token of each row, whose logits pick the first completion token.
+    Rows must be groups sharing one prompt (:func:`check_groups`).
+    """
+    check_groups(prompt_ids, prompt_mask, group_size)
+    prefix = prompt_ids[::group_size, :-1]
+    mask = prompt_mask[::group_size, :-1]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_decoder()(
+        input_ids=prefix,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=True,
+    )
+    return repeated_cache(out, group_size)
+
+
+def repeated_cache(output: object, group_size: int) -> object:
     """The prompt pass's KV cache, each prompt's entries repeated for the ``G`` rows of its group."""
     cache = getattr(output, "cache", None)
     if cache is None:

@@ -33,7 +33,11 @@ from transformers import (
 
 from fedmoa.errors import ConfigError
 from fedmoa.grpo import decode
-from fedmoa.grpo.logprobs import contiguous_head_input
+from fedmoa.grpo.logprobs import (
+    contiguous_head_input,
+    prompt_prefix_cache,
+    shared_prompt_applies,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0  # 0: off, as in TRL's GRPOConfig
     mask_truncated: bool = False
+    # Prefill each group's prompt once and share its KV cache (grpo.prompt_once; eager decode).
+    prompt_once: bool = False
 
 
 @dataclass
@@ -244,8 +250,17 @@ def generate_rollouts(
     model.eval()
     try:
         with contiguous_head_input(model), configured_generation(model, eos_ids, pad_id):
+            cache = None
+            if (
+                settings.prompt_once
+                and settings.group_size > 1
+                and prompt_ids.shape[1] > 1
+                and decode.decode_mode(model) == "eager"
+                and shared_prompt_applies(model)
+            ):
+                cache = prompt_prefix_cache(model, prompt_ids, prompt_mask, settings.group_size)
             completion_ids = decode.generate(
-                model, prompt_ids, prompt_mask, config, LogitsProcessorList([sampler])
+                model, prompt_ids, prompt_mask, config, LogitsProcessorList([sampler]), cache
             )
     finally:
         model.train(was_training)

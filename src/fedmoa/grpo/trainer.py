@@ -66,9 +66,9 @@ class GRPOSettings:
     # Completion positions per chunk of the LM head and log-softmax in the loss's forward,
     # recomputed in the backward; 0: all at once. Bounds the log-probs' memory (docs/performance.md).
     logprob_chunk: int = Field(0, ge=0)
-    # Run each prompt once in the log-prob forwards, its KV cache shared by its G completions,
-    # instead of G times: same values and gradients, fewer FLOPs. Not under gradient
-    # checkpointing, where the training forward falls back to whole sequences.
+    # Run each prompt once, its KV cache shared by its G completions, instead of G times: in
+    # sampling's prefill (eager decode) and in the log-prob forwards. Same values and gradients,
+    # fewer FLOPs. Under gradient checkpointing the training forward takes whole sequences.
     prompt_once: bool = False
     # Rows of the B·G batch per forward and backward, gradients accumulated; 0: the whole batch
     # at once. Same loss and gradients, less activation memory; must divide B·G.
@@ -93,6 +93,7 @@ class GRPOSettings:
             top_p=self.top_p,
             top_k=self.top_k,
             mask_truncated=self.mask_truncated,
+            prompt_once=self.prompt_once,
         )
 
     def loss(self) -> LossSettings:
