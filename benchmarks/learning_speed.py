@@ -7,8 +7,10 @@ attention and MLP projections, DAPO loss, 60 steps, the same seed and data for e
 
 Variants (``--variants``; a name is a set of ``[grpo]`` / ``[model]`` settings):
 
-``plain``        today's step: every row's prompt in the forward, eager decode;
-``prompt-once``  ``grpo.prompt_once = true``: each prompt once in the training forward;
+``plain``        the step before this work: every row's prompt in the prefill and the
+                 training forward (``grpo.prompt_once = false``), eager decode;
+``prompt-once``  ``grpo.prompt_once = true`` (the default): each prompt once in sampling's
+                 prefill and in the training forward;
 ``compiled``     ``prompt_once`` and ``[model] decode = "compiled"`` (compile time included).
 
 Each variant starts from a fresh adapter; per variant it prints the wall time of the steps, the
@@ -46,7 +48,7 @@ from fedmoa.rewards import load_reward_function
 from fedmoa.weighting import StaticWeighting
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "plain": {"grpo": {}, "decode": "eager"},
+    "plain": {"grpo": {"prompt_once": False}, "decode": "eager"},
     "prompt-once": {"grpo": {"prompt_once": True}, "decode": "eager"},
     "compiled": {"grpo": {"prompt_once": True}, "decode": "compiled"},
 }
@@ -102,6 +104,7 @@ def run_variant(args: argparse.Namespace, policy: Any, tokenizer: Any, name: str
     reward = [m["rewards/verifier/mean"] for m in history]
     split = {p: statistics.median(m[f"timing/{p}"] for m in history) for p in PHASES}
     step = statistics.median(m["step_time"] for m in history)
+    widths = [m["completions/max_length"] for m in history]
     return {
         "variant": name,
         "settings": variant,
@@ -111,6 +114,8 @@ def run_variant(args: argparse.Namespace, policy: Any, tokenizer: Any, name: str
         "median_step_s": step,
         "median_split_s": split | {"rest": step - sum(split.values())},
         "train_reward": reward,
+        "completion_width": widths,
+        "median_width": statistics.median(widths),
         "reward_first10": statistics.fmean(reward[:10]),
         "reward_last10": statistics.fmean(reward[-10:]),
         "test_verifier": after["verifier"],
@@ -128,7 +133,7 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
         f"{len(LORA_TARGETS)} projections, DAPO, {args.steps} steps, seed {args.seed}",
         "",
         f"{'variant':12}{'decode':>9}{'wall s':>8}{'ratio':>7}{'1st step':>9}{'step s':>8}"
-        f"{'gen':>6}{'fwd-bwd':>8}{'rest':>6}{'reward 1-10':>12}{'last 10':>8}"
+        f"{'gen':>6}{'fwd-bwd':>8}{'rest':>6}{'width':>6}{'reward 1-10':>12}{'last 10':>8}"
         f"{'test acc':>9}{'ref':>6}",
     ]
     for run in runs:
@@ -137,13 +142,13 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
             f"{run['variant']:12}{run['decode_used']:>9}{run['train_seconds']:8.0f}"
             f"{first / run['train_seconds']:7.2f}{run['first_step_s']:9.1f}"
             f"{run['median_step_s']:8.2f}{split['generate']:6.2f}"
-            f"{split['forward_backward']:8.2f}{split['rest']:6.2f}"
+            f"{split['forward_backward']:8.2f}{split['rest']:6.2f}{run['median_width']:6.0f}"
             f"{run['reward_first10']:12.3f}{run['reward_last10']:8.3f}"
             f"{run['test_verifier']:9.3f}{run['test_reference']:6.3f}"
         )
     lines.append(
-        "(ratio: the first variant's wall time / this one's; step and split: medians over the "
-        "steps; test acc: greedy, after training)"
+        "(ratio: the first variant's wall time / this one's; step, split and width (the longest "
+        "completion of a step, tokens): medians over the steps; test acc: greedy, after training)"
     )
     return "\n".join(lines)
 

@@ -11,6 +11,10 @@ calls each, interleaved in an order that alternates every round. It prints the m
 the wall and process CPU time and the ratio whole / prompt-once, and checks that both give the
 same log-probs and gradients (the warm-up calls').
 
+``--compiled`` adds a third side: whole sequences through ``torch.compile(policy)`` (inductor,
+static shapes, the LoRA trainable), with the time of its first call (the compile) printed
+apart: the alternative to prompt-once that the fast-rollouts issue asked to measure.
+
     python benchmarks/prompt_once.py --threads 2    # SmolLM2-135M bf16, B=4, G=8, 35 + 24 tokens
     python benchmarks/prompt_once.py --smoke        # tiny random model, seconds
 """
@@ -48,6 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
     parser.add_argument("--chunk", type=int, default=0, help="grpo.logprob_chunk of both sides")
+    parser.add_argument("--compiled", action="store_true", help="also time a compiled forward")
     args = parse_on_top(parser, argv, local_step.parse_args)
     if args.smoke:
         args.model = local_step.SMOKE_MODEL
@@ -79,12 +84,18 @@ def make_batch(args: argparse.Namespace, vocab: int, pad_id: int) -> tuple[torch
 
 
 def forward_backward(
-    policy: Any, inputs: tuple[torch.Tensor, ...], chunk: int, group_size: int
+    policy: Any,
+    inputs: tuple[torch.Tensor, ...],
+    chunk: int,
+    group_size: int,
+    model: Any = None,
 ) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """(wall s, process CPU s, log-probs, flat gradient) of one forward and backward."""
+    """(wall s, process CPU s, log-probs, flat gradient) of one forward and backward of
+    ``model`` (default ``policy``; a compiled wrapper of it)."""
     mask = inputs[3]
     wall, cpu = time.perf_counter(), time.process_time()
-    logps = completion_logps(policy, *inputs, 1.0, chunk, group_size=group_size)
+    model = policy if model is None else model
+    logps = completion_logps(model, *inputs, 1.0, chunk, group_size=group_size)
     (-(logps * mask).sum() / mask.sum()).backward()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     grad = torch.cat([q.grad.flatten().float() for q in policy.parameters() if q.requires_grad])
@@ -106,18 +117,26 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     policy.train()
     vocab = policy.get_output_embeddings().weight.shape[0]
     inputs = make_batch(args, vocab, tokenizer.pad_token_id)
-    group = {"whole": 1, "prompt_once": args.group_size}
-    warm = {side: forward_backward(policy, inputs, args.chunk, group[side]) for side in SIDES}
-    times: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": []} for s in SIDES}
+    sides = [*SIDES, *(["compiled"] if args.compiled else [])]
+    group = {"whole": 1, "prompt_once": args.group_size, "compiled": 1}
+    models = {"compiled": torch.compile(policy, dynamic=False)} if args.compiled else {}
+    warm, first_call_s = {}, {}
+    for side in sides:
+        warm[side] = forward_backward(policy, inputs, args.chunk, group[side], models.get(side))
+        first_call_s[side] = warm[side][0]
+    times: dict[str, dict[str, list[float]]] = {s: {"wall": [], "cpu": []} for s in sides}
     for round_ in range(args.repeats):
-        for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
-            wall, cpu, _, _ = forward_backward(policy, inputs, args.chunk, group[side])
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            wall, cpu, _, _ = forward_backward(
+                policy, inputs, args.chunk, group[side], models.get(side)
+            )
             times[side]["wall"].append(wall)
             times[side]["cpu"].append(cpu)
     medians = {
         side: {f"median_{k}_s": statistics.median(v) for k, v in times[side].items()}
         | {f"{k}_s": v for k, v in times[side].items()}
-        for side in SIDES
+        | {"first_call_s": first_call_s[side]}
+        for side in sides
     }
     (_, _, logps_a, grad_a), (_, _, logps_b, grad_b) = warm["whole"], warm["prompt_once"]
     return {
@@ -130,6 +149,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         / medians["prompt_once"]["median_cpu_s"],
         "max_logp_difference": float((logps_a - logps_b).abs().max()),
         "grad_relative_difference": float((grad_a - grad_b).norm() / grad_a.norm()),
+        **(
+            {
+                "ratio_wall_whole_over_compiled": medians["whole"]["median_wall_s"]
+                / medians["compiled"]["median_wall_s"],
+                "compiled_max_logp_difference": float((logps_a - warm["compiled"][2]).abs().max()),
+                "compiled_grad_relative_difference": float(
+                    (grad_a - warm["compiled"][3]).norm() / grad_a.norm()
+                ),
+            }
+            if args.compiled
+            else {}
+        ),
     }
 
 
@@ -142,10 +173,14 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
         f"{args.lora_r} on {', '.join(TARGETS)}, logprob_chunk {args.chunk}, "
         f"median of {args.repeats} interleaved calls"
     )
-    lines.append(f"{'side':<14}{'wall s':>10}{'CPU s':>10}")
-    for side in SIDES:
+    lines.append(f"{'side':<14}{'wall s':>10}{'CPU s':>10}{'1st call s':>12}{'whole/side':>12}")
+    for side in [s for s in (*SIDES, "compiled") if s in results]:
         fig = results[side]
-        lines.append(f"{side:<14}{fig['median_wall_s']:>10.3f}{fig['median_cpu_s']:>10.3f}")
+        lines.append(
+            f"{side:<14}{fig['median_wall_s']:>10.3f}{fig['median_cpu_s']:>10.3f}"
+            f"{fig['first_call_s']:>12.1f}"
+            f"{results['whole']['median_wall_s'] / fig['median_wall_s']:>11.2f}×"
+        )
     lines.append(
         f"ratio whole/prompt_once: {results['ratio_wall_whole_over_prompt_once']:.2f}× wall, "
         f"{results['ratio_cpu_whole_over_prompt_once']:.2f}× CPU"
@@ -154,6 +189,11 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
         f"same computation: max |Δ log-prob| {results['max_logp_difference']:.2e}, "
         f"relative ‖Δgrad‖ {results['grad_relative_difference']:.2e}"
     )
+    if "compiled" in results:
+        lines.append(
+            f"compiled vs whole: max |Δ log-prob| {results['compiled_max_logp_difference']:.2e}, "
+            f"relative ‖Δgrad‖ {results['compiled_grad_relative_difference']:.2e}"
+        )
     return "\n".join(lines)
 
 

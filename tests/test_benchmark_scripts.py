@@ -249,7 +249,8 @@ def test_logprob_memory_runs_both_settings_and_they_agree(tmp_path: Path) -> Non
             sys.executable,
             str(BENCHMARKS / "logprob_memory.py"),
             *("--model", "tiny-random-qwen2", "--dtype", "fp32", "--sequences", "2"),
-            *("--completion-tokens", "6", "--chunk", "4", "--threads", "1", "--json", str(out)),
+            *("--completion-tokens", "6", "--chunk", "4", "--micro", "1", "--threads", "1"),
+            *("--json", str(out)),
         ],
         capture_output=True,
         text=True,
@@ -259,6 +260,7 @@ def test_logprob_memory_runs_both_settings_and_they_agree(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["whole"]["chunk"] == 0 and figures["chunked"]["chunk"] == 4
+    assert figures["micro"]["micro_batch_size"] == 1 and figures["micro_chunked"]["chunk"] == 4
     assert figures["max_logp_difference"] <= 1e-5
     assert figures["grad_norm_relative_difference"] <= 1e-5
     assert "peak ratio whole/chunked" in proc.stdout
@@ -270,7 +272,7 @@ def test_prompt_once_times_both_sides_and_they_agree(tmp_path: Path) -> None:
         [
             sys.executable,
             str(BENCHMARKS / "prompt_once.py"),
-            *("--smoke", "--dtype", "fp32", "--threads", "1", "--json", str(out)),
+            *("--smoke", "--compiled", "--dtype", "fp32", "--threads", "1", "--json", str(out)),
         ],
         capture_output=True,
         text=True,
@@ -286,6 +288,8 @@ def test_prompt_once_times_both_sides_and_they_agree(tmp_path: Path) -> None:
     assert figures["max_logp_difference"] <= 1e-5
     assert figures["grad_relative_difference"] <= 1e-5
     assert "ratio whole/prompt_once" in proc.stdout
+    assert figures["compiled"]["first_call_s"] > 0 and figures["ratio_wall_whole_over_compiled"] > 0
+    assert figures["compiled_max_logp_difference"] <= 1e-4
 
 
 def test_learning_speed_smoke(tmp_path: Path) -> None:

@@ -225,3 +225,31 @@ def test_the_prefill_cache_holds_each_prompt_once_before_repeating():
     assert calls == [torch.Size([B, prompt_ids.shape[1] - 1])]
     assert cache.get_seq_length() == prompt_ids.shape[1] - 1
     assert cache.layers[0].keys.shape[0] == B * G
+
+
+def test_a_model_without_a_repeatable_cache_falls_back_to_whole_sequences(monkeypatch, caplog):
+    """``prompt_once`` is on by default, so a model whose forward returns no usable KV cache
+    must still train: whole sequences and whole prefills, said once."""
+    from fedmoa.grpo.rollout import SamplingSettings, generate_rollouts
+
+    policy, tokenizer = random_lora_policy("llama")
+    inputs = grouped_batch(tokenizer.pad_token_id)
+    expected = completion_logps(policy, *inputs, 1.0, 0, group_size=1).detach()
+    torch.manual_seed(5)
+    settings = SamplingSettings(group_size=2, max_new_tokens=5, prompt_once=True)
+    prompts = [[{"role": "user", "content": "2 + 2?"}]]
+    sampled = generate_rollouts(policy, tokenizer, prompts, settings)
+
+    def no_cache(output, group_size):
+        raise logprobs.NoPromptCache("SomeOutput holds no KV cache with batch_repeat_interleave")
+
+    monkeypatch.setattr(logprobs, "repeated_cache", no_cache)
+    monkeypatch.setattr(logprobs, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="fedmoa.grpo.logprobs"):
+        got = completion_logps(policy, *inputs, 1.0, 0, group_size=G)
+        torch.manual_seed(5)
+        again = generate_rollouts(policy, tokenizer, prompts, settings)
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(again.completion_ids, sampled.completion_ids)
+    warnings = [r for r in caplog.records if "prompt_once" in r.getMessage()]
+    assert len(warnings) == 1 and "whole sequences" in warnings[0].getMessage()

@@ -506,7 +506,10 @@ def test_trainer_logs_alignment_and_moves_the_weights():
     names = ["sevens", "short"]
     weighting = HypergradientWeighting.for_model(policy, names, "sevens", [0.5, 0.5], eta=5.0)
     rows = [{"prompt": [{"role": "user", "content": f"Answer {i}:"}]} for i in range(8)]
-    settings = GRPOSettings(batch_size=2, group_size=4, max_new_tokens=6, lr=1e-2, beta=0.05)
+    # Whole sequences (not prompt_once), so that the probe takes the per-sample path.
+    settings = GRPOSettings(
+        batch_size=2, group_size=4, max_new_tokens=6, lr=1e-2, beta=0.05, prompt_once=False
+    )
     trainer = LocalTrainer(
         policy,
         tokenizer,

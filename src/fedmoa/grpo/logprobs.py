@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -66,16 +69,19 @@ def completion_logps(
     if group_size > 1:
         check_groups(prompt_ids, prompt_mask, group_size)
         if completion_ids.shape[1] > 0 and shared_prompt_applies(model):
-            return shared_prompt_logps(
-                model,
-                prompt_ids,
-                prompt_mask,
-                completion_ids,
-                completion_mask,
-                temperature,
-                chunk_tokens,
-                group_size,
-            )
+            try:
+                return shared_prompt_logps(
+                    model,
+                    prompt_ids,
+                    prompt_mask,
+                    completion_ids,
+                    completion_mask,
+                    temperature,
+                    chunk_tokens,
+                    group_size,
+                )
+            except NoPromptCache as err:
+                warn_no_prompt_cache(err)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
     width = completion_ids.shape[1]
@@ -230,15 +236,28 @@ def prompt_prefix_cache(
     return repeated_cache(out, group_size)
 
 
+class NoPromptCache(RuntimeError):
+    """The model's forward returned no KV cache that can be repeated along the batch."""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_no_prompt_cache(err: NoPromptCache) -> None:
+    """Say once per process that ``grpo.prompt_once`` fell back to whole sequences, and why."""
+    if str(err) not in _WARNED:
+        _WARNED.add(str(err))
+        logger.warning("grpo.prompt_once: %s; running whole sequences instead", err)
+
+
 def repeated_cache(output: object, group_size: int) -> object:
     """The prompt pass's KV cache, each prompt's entries repeated for the ``G`` rows of its group."""
     cache = getattr(output, "cache", None)
     if cache is None:
         cache = getattr(output, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        raise RuntimeError(
-            "the prompt pass returned no KV cache to share; call completion_logps without "
-            "group_size for this model"
+        raise NoPromptCache(
+            f"{type(output).__name__} holds no KV cache with batch_repeat_interleave"
         )
     cache.batch_repeat_interleave(group_size)
     return cache

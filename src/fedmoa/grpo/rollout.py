@@ -34,9 +34,11 @@ from transformers import (
 from fedmoa.errors import ConfigError
 from fedmoa.grpo import decode
 from fedmoa.grpo.logprobs import (
+    NoPromptCache,
     contiguous_head_input,
     prompt_prefix_cache,
     shared_prompt_applies,
+    warn_no_prompt_cache,
 )
 
 logger = logging.getLogger(__name__)
@@ -258,7 +260,10 @@ def generate_rollouts(
                 and decode.decode_mode(model) == "eager"
                 and shared_prompt_applies(model)
             ):
-                cache = prompt_prefix_cache(model, prompt_ids, prompt_mask, settings.group_size)
+                try:
+                    cache = prompt_prefix_cache(model, prompt_ids, prompt_mask, settings.group_size)
+                except NoPromptCache as err:
+                    warn_no_prompt_cache(err)
             completion_ids = decode.generate(
                 model, prompt_ids, prompt_mask, config, LogitsProcessorList([sampler]), cache
             )

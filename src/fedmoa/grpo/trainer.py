@@ -68,8 +68,9 @@ class GRPOSettings:
     logprob_chunk: int = Field(0, ge=0)
     # Run each prompt once, its KV cache shared by its G completions, instead of G times: in
     # sampling's prefill (eager decode) and in the log-prob forwards. Same values and gradients,
-    # fewer FLOPs. Under gradient checkpointing the training forward takes whole sequences.
-    prompt_once: bool = False
+    # fewer FLOPs (docs/performance.md). Under gradient checkpointing the training forward takes
+    # whole sequences; the hypergradient probe takes one backward per objective.
+    prompt_once: bool = True
     # Rows of the B·G batch per forward and backward, gradients accumulated; 0: the whole batch
     # at once. Same loss and gradients, less activation memory; must divide B·G.
     micro_batch_size: int = Field(0, ge=0)
