@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import finish, report_header, start
-from local_step import SMOKE_MODEL, machine_info
-from reward_hacking import CASES, LORA_TARGETS, rows, scored
+from local_step import machine_info
+from reward_hacking import CASES, LORA_TARGETS, add_run_options, parse_run_options, rows, scored
 from weighting_behaviour import reset_adapter
 
 from fedmoa.grpo.decode import decode_mode, set_decode
@@ -57,25 +57,9 @@ PHASES = ("generate", "forward_backward")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    add_run_options(parser)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--test-prompts", type=int, default=125)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny random model and tiny sizes")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.model, args.steps, args.test_prompts, args.rank = SMOKE_MODEL, 2, 4, 4
-        args.batch_size, args.group_size, args.max_new_tokens = 2, 2, 6
-    return args
+    return parse_run_options(parser, argv)
 
 
 def run_variant(args: argparse.Namespace, policy: Any, tokenizer: Any, name: str) -> dict[str, Any]:

@@ -151,11 +151,9 @@ TASKS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The learning probe's settings (also ``learning_speed.py``'s)."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
@@ -163,19 +161,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--test-prompts", type=int, default=125)
-    parser.add_argument("--examples", type=int, default=3, help="completions shown per gap")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", type=Path, help="run records (default: benchmarks/records/reward_hacking)"
-    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny random model and tiny sizes")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+
+
+def parse_run_options(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Parse, and shrink everything to seconds with ``--smoke``."""
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.steps, args.test_prompts, args.rank = SMOKE_MODEL, 2, 4, 4
         args.batch_size, args.group_size, args.max_new_tokens = 2, 2, 6
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(parser)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--examples", type=int, default=3, help="completions shown per gap")
+    parser.add_argument(
+        "--out", type=Path, help="run records (default: benchmarks/records/reward_hacking)"
+    )
+    args = parse_run_options(parser, argv)
     if args.out is None:
         args.out = (
             Path(tempfile.mkdtemp(prefix="reward-hacking-smoke-"))

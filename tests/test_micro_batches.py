@@ -306,7 +306,7 @@ def test_prompt_once_gives_the_plain_step(micro_batch_size):
         num_iterations=2,
         micro_batch_size=micro_batch_size,
     )
-    plain, plain_grads, _ = two_steps(settings)
+    plain, plain_grads, _ = two_steps(dataclasses.replace(settings, prompt_once=False))
     once, once_grads, _ = two_steps(dataclasses.replace(settings, prompt_once=True))
     for a, b in zip(logged(plain), logged(once), strict=True):
         assert a["completions/mean_length"] == b["completions/mean_length"]
