@@ -32,7 +32,16 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "fedmoa_vs_fedavg.toml"
 DEFAULT_METHODS = ("fedavg", "fedmoa", "fedmoa-hg", "fedmoa-taa", "local")
 # Report order; "METHOD+WEIGHTING" is server.method with [weighting] method = WEIGHTING.
-KNOWN_METHODS = ("fedavg", "fedmoa", "fedprox", "fedmoa-hg", "fedmoa-taa", "local", "fedavg+saw")
+KNOWN_METHODS = (
+    "fedavg-primary",
+    "fedavg",
+    "fedmoa",
+    "fedprox",
+    "fedmoa-hg",
+    "fedmoa-taa",
+    "local",
+    "fedavg+saw",
+)
 FEDMOA = [sys.executable, "-m", "fedmoa.cli"]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,13 @@ from fedmoa.models import tiny_random_model
 
 # Tiny random models generate ~20x slower on CPU when denormals are not flushed.
 torch.set_flush_denormal(True)
+
+# Inductor compiles C++ on the CPU; without a compiler ``decode = "compiled"`` falls back to eager
+# (tested apart), so the tests that need a real compile say why they are skipped.
+needs_cxx = pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from conftest import needs_cxx
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -75,6 +77,7 @@ def test_step_vs_trl_smoke_times_every_side_and_the_baseline_commit(tmp_path: Pa
     assert {"throughput", "cpu_per_sample", "peak_rss"} <= set(figures["ours/trl"])
 
 
+@needs_cxx
 def test_roofline_smoke(tmp_path: Path) -> None:
     figures = run_smoke("roofline.py", tmp_path)
     assert set(figures) >= {"args", "machine", "bandwidth", "decode", "bound_bandwidth"}
@@ -266,6 +269,7 @@ def test_logprob_memory_runs_both_settings_and_they_agree(tmp_path: Path) -> Non
     assert "peak ratio whole/chunked" in proc.stdout
 
 
+@needs_cxx
 def test_prompt_once_times_both_sides_and_they_agree(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     proc = subprocess.run(
@@ -292,6 +296,7 @@ def test_prompt_once_times_both_sides_and_they_agree(tmp_path: Path) -> None:
     assert figures["compiled_max_logp_difference"] <= 1e-4
 
 
+@needs_cxx
 def test_learning_speed_smoke(tmp_path: Path) -> None:
     figures = run_smoke("learning_speed.py", tmp_path)
     runs = {run["variant"]: run for run in figures["runs"]}

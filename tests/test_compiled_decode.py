@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from conftest import needs_cxx
 from fedmoa.eval.evaluate import greedy_generate
 from fedmoa.grpo import decode
 from fedmoa.grpo.rollout import SamplingSettings, encode_prompts, generate_rollouts
@@ -64,6 +65,7 @@ def greedy_scores(policy, tokenizer, mode: str) -> tuple[torch.Tensor, torch.Ten
     return tokens, torch.stack(recorder.scores, 1)
 
 
+@needs_cxx
 def test_compiled_decode_gives_the_eager_logits_and_greedy_tokens():
     policy, tokenizer = adapted_policy()
     eager_tokens, eager_scores = greedy_scores(policy, tokenizer, "eager")
@@ -81,6 +83,7 @@ def test_compiled_decode_gives_the_eager_logits_and_greedy_tokens():
     torch.testing.assert_close(compiled_after, eager_after, rtol=0, atol=1e-4)
 
 
+@needs_cxx
 def test_compiled_sampling_and_evaluation_match_eager():
     policy, tokenizer = adapted_policy(1)
     # A FedMOA client's probe hooks sit on the policy's Linear modules while it samples.

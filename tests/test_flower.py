@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import needs_cxx
 from fedmoa.cli import app
 from fedmoa.federation.flower import client_app, records
 from fedmoa.federation.flower.deployment import LocalDeployment, NodeSpec
@@ -114,7 +115,7 @@ def files(run: Path) -> set[str]:
 # -- the engines agree ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decode", ["eager", "compiled"])
+@pytest.mark.parametrize("decode", ["eager", pytest.param("compiled", marks=needs_cxx)])
 def test_flower_simulation_matches_embedded_engine(tmp_path, decode):
     """2 rounds, 3 clients with different objectives: bit-identical adapters and records,
     under either decode (``[model] decode``).

@@ -9,6 +9,7 @@ local GRPO steps, measure validation accuracy, and reply with ``Δθ``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,12 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.data import ClientData, load_split
 from fedmoa.eval import evaluate_rows
-from fedmoa.federation.config import TASK_ACCURACY_METHODS, ClientConfig, ServerConfig
+from fedmoa.federation.config import (
+    PRIMARY_ONLY_METHODS,
+    TASK_ACCURACY_METHODS,
+    ClientConfig,
+    ServerConfig,
+)
 from fedmoa.grpo.trainer import STEP_PHASES, LocalTrainer
 from fedmoa.rewards import RewardFunc
 from fedmoa.rewards.base import CheckedRewardError, checked_call
@@ -173,6 +179,7 @@ def run_client_round(
     ``time.monotonic()`` value, default now); see :class:`RoundDeadline`.
     """
     deadline = RoundDeadline(client.id, server.round_timeout, started)
+    client, reward_funcs = training_objectives(client, reward_funcs, method)
     reward_funcs = with_scale_check(reward_funcs, client.primary_reward, method)
     if next(policy.parameters()).device.type == "cpu":
         # Per thread: an engine may run this round on a thread other than the one that loaded
@@ -207,6 +214,8 @@ def run_client_round(
             trainer.sampler.load_state_dict(state["sampler"])
             if trainer.scaler.is_enabled() and state.get("grad_scaler"):
                 trainer.scaler.load_state_dict(state["grad_scaler"])
+            if client.optimizer_state == "keep" and state.get("optimizer"):
+                trainer.optimizer.load_state_dict(state["optimizer"])
         weighting.begin_round()
         try:
             history = trainer.train(client.local_steps)
@@ -242,6 +251,8 @@ def run_client_round(
         validation_size=validation_size,
     )
     new_state = {"weighting": weighting.state_dict(), "sampler": trainer.sampler.state_dict()}
+    if client.optimizer_state == "keep":
+        new_state["optimizer"] = trainer.optimizer.state_dict()
     if trainer.scaler.is_enabled():
         # fp16: the loss scale found so far, or every round would start again from 2^16 and
         # skip steps (all of them, with one local step a round) until it had come down.
@@ -252,6 +263,22 @@ def run_client_round(
         history,
         transport_bytes(start, server.transport_dtype),
         transport_bytes(delta, server.transport_dtype),
+    )
+
+
+def training_objectives(
+    client: ClientConfig, reward_funcs: Sequence[tuple[str, RewardFunc]], method: str
+) -> tuple[ClientConfig, list[tuple[str, RewardFunc]]]:
+    """The objectives ``client`` trains on under ``method``: all of them, or under
+    ``fedavg-primary`` its primary alone (weight 1), the reference of what the primaries reach
+    without the auxiliaries. Evaluation still scores every objective."""
+    if method not in PRIMARY_ONLY_METHODS:
+        return client, list(reward_funcs)
+    primary = client.primary_reward
+    rewards = [dataclasses.replace(r, weight=1.0) for r in client.rewards if r.name == primary]
+    return (
+        dataclasses.replace(client, rewards=rewards),
+        [(name, func) for name, func in reward_funcs if name == primary],
     )
 
 

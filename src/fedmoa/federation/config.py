@@ -45,6 +45,7 @@ from fedmoa.weighting.config import WeightingConfig, resolve_method, unread_keys
 
 Method = Literal[
     "fedavg",
+    "fedavg-primary",
     "fedprox",
     "fedadam",
     "fedyogi",
@@ -59,6 +60,8 @@ Method = Literal[
 HYPERGRADIENT_METHODS = frozenset({"fedmoa", "fedmoa-hg"})
 TASK_ACCURACY_METHODS = frozenset({"fedmoa", "fedmoa-taa"})
 SERVER_OPTIMIZER_METHODS = frozenset({"fedadam", "fedyogi", "fedavgm"})
+# FedAvg with every auxiliary dropped: what the clients' primaries alone reach (a reference arm).
+PRIMARY_ONLY_METHODS = frozenset({"fedavg-primary"})
 _ALL_METHODS = frozenset(get_args(Method))
 # [server] keys that only some methods read. One set under another method is left over from a
 # switch of server.method (a file run with several), so it is warned about, not refused.
@@ -92,6 +95,10 @@ class ClientConfig:
     # train / validation / test fractions of those rows
     split: SplitConfig = field(default_factory=SplitConfig)
     local_steps: int = Field(1, gt=0)  # GRPO steps per round
+    # AdamW's moments between rounds: "reset" builds them afresh every round (with few local
+    # steps each round then starts with sign-like steps); "keep" carries them in the client's
+    # state (node-local on Flower) to its next round.
+    optimizer_state: Literal["reset", "keep"] = "reset"
     # GRPO settings of the client's local steps
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
 
@@ -135,6 +142,7 @@ class ServerEvalConfig:
 @dataclass(config=STRICT)
 class ServerConfig:
     # federated method: fedmoa, an ablation (fedmoa-hg, fedmoa-taa) or a baseline
+    # (fedavg-primary: fedavg training on each client's primary reward alone)
     method: Method = "fedmoa"
     rounds: int = Field(3, gt=0)  # server rounds
     clients_per_round: int | None = Field(None, gt=0)  # clients sampled a round; none: all
