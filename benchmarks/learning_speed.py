@@ -28,24 +28,26 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import finish, report_header, start
 from local_step import machine_info
-from reward_hacking import CASES, LORA_TARGETS, add_run_options, parse_run_options, rows, scored
+from reward_hacking import (
+    CASES,
+    LORA_TARGETS,
+    add_run_options,
+    parse_run_options,
+    rows,
+    scored,
+    train_on_verifier,
+)
 from weighting_behaviour import reset_adapter
 
 from fedmoa.grpo.decode import decode_mode, set_decode
-from fedmoa.grpo.trainer import GRPOSettings, LocalTrainer
 from fedmoa.models import LoraSettings, attach_lora, load_model_and_tokenizer
-from fedmoa.rewards import load_reward_function
-from fedmoa.weighting import StaticWeighting
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"grpo": {"prompt_once": False}, "decode": "eager"},
@@ -69,21 +71,7 @@ def run_variant(args: argparse.Namespace, policy: Any, tokenizer: Any, name: str
     test = rows("sums", case.system_prompt, args.test_prompts, 12)
     reset_adapter(policy, args.seed)
     set_decode(policy, variant["decode"])
-    settings = GRPOSettings(
-        batch_size=args.batch_size,
-        group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens,
-        lr=args.lr,
-        loss_type="dapo",
-        **variant["grpo"],
-    )
-    funcs = [("verifier", load_reward_function(case.function, case.params))]
-    weighting = StaticWeighting(["verifier"], "verifier", [1.0])
-    trainer = LocalTrainer(policy, tokenizer, train, funcs, weighting, settings, seed=args.seed)
-    torch.manual_seed(args.seed)
-    began = time.perf_counter()
-    history = trainer.train(args.steps)
-    seconds = time.perf_counter() - began
+    history, seconds = train_on_verifier(args, policy, tokenizer, case, train, **variant["grpo"])
     after = scored(policy, tokenizer, case, test, args)
     reward = [m["rewards/verifier/mean"] for m in history]
     split = {p: statistics.median(m[f"timing/{p}"] for m in history) for p in PHASES}

@@ -227,6 +227,33 @@ def scored(
     }
 
 
+def train_on_verifier(
+    args: argparse.Namespace,
+    policy: Any,
+    tokenizer: Any,
+    case: Case,
+    train: list[Row],
+    **grpo: Any,
+) -> tuple[list[dict[str, float]], float]:
+    """``args.steps`` GRPO steps of the learning probe with ``case``'s verifier as the only
+    reward (``grpo``: further ``GRPOSettings``); the steps' metrics and their wall time."""
+    funcs = [("verifier", load_reward_function(case.function, case.params))]
+    settings = GRPOSettings(
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        lr=args.lr,
+        loss_type="dapo",
+        **grpo,
+    )
+    weighting = StaticWeighting(["verifier"], "verifier", [1.0])
+    trainer = LocalTrainer(policy, tokenizer, train, funcs, weighting, settings, seed=args.seed)
+    torch.manual_seed(args.seed)
+    began = time.perf_counter()
+    history = trainer.train(args.steps)
+    return history, time.perf_counter() - began
+
+
 def run_one(
     args: argparse.Namespace, policy: Any, tokenizer: Any, name: str, task: str
 ) -> dict[str, Any]:
@@ -235,20 +262,7 @@ def run_one(
     test = rows(task, case.system_prompt, args.test_prompts, 12)
     reset_adapter(policy, args.seed)  # B = 0: the base model's own completions first
     before = scored(policy, tokenizer, case, test, args)
-    funcs = [("verifier", load_reward_function(case.function, case.params))]
-    settings = GRPOSettings(
-        batch_size=args.batch_size,
-        group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens,
-        lr=args.lr,
-        loss_type="dapo",
-    )
-    weighting = StaticWeighting(["verifier"], "verifier", [1.0])
-    trainer = LocalTrainer(policy, tokenizer, train, funcs, weighting, settings, seed=args.seed)
-    torch.manual_seed(args.seed)
-    began = time.perf_counter()
-    history = trainer.train(args.steps)
-    seconds = time.perf_counter() - began
+    history, seconds = train_on_verifier(args, policy, tokenizer, case, train)
     after = scored(policy, tokenizer, case, test, args)
     train_reward = [m["rewards/verifier/mean"] for m in history]
     return {
