@@ -11,9 +11,9 @@ import torch
 
 from fedmoa.grpo.logprobs import completion_logps
 from fedmoa.grpo.rollout import SamplingSettings, generate_rollouts
-from fedmoa.grpo.trainer import GRPOSettings, LocalTrainer
+from fedmoa.grpo.trainer import GRPOSettings
 from fedmoa.weighting import HypergradientWeighting
-from test_fast_paths import brevity, closeness
+from test_fast_paths import seven_short_trainer
 from test_trainer import PROMPTS, tiny_policy
 
 
@@ -70,15 +70,7 @@ def test_a_hypergradient_step_runs_on_chunked_logps():
         weighting = HypergradientWeighting.for_model(
             policy, ["seven", "short"], "seven", [1.0, 0.5], rule="persistent"
         )
-        trainer = LocalTrainer(
-            policy,
-            tokenizer,
-            [{"prompt": p} for p in PROMPTS],
-            [("seven", closeness), ("short", brevity)],
-            weighting,
-            settings,
-            seed=0,
-        )
+        trainer = seven_short_trainer(policy, tokenizer, weighting, settings)
         runs[chunk] = trainer.train(2)
     for whole, chunked in zip(runs[0], runs[2], strict=True):
         assert chunked["loss"] == pytest.approx(whole["loss"], abs=1e-5)
@@ -114,14 +106,6 @@ def test_the_setting_takes_the_chunked_path_in_every_pass(monkeypatch):
         weighting = HypergradientWeighting.for_model(
             policy, ["seven", "short"], "seven", [1.0, 0.5], rule="persistent"
         )
-        LocalTrainer(
-            policy,
-            tokenizer,
-            [{"prompt": p} for p in PROMPTS],
-            [("seven", closeness), ("short", brevity)],
-            weighting,
-            settings,
-            seed=0,
-        ).train(1)
+        seven_short_trainer(policy, tokenizer, weighting, settings).train(1)
         # reference, old log-probs, then the loss twice (num_iterations = 2)
         assert calls == expected

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ import fedmoa.grpo.rollout as rollout
 from fedmoa.grpo.logprobs import selective_log_softmax
 from fedmoa.grpo.rollout import SamplingSettings, generate_rollouts
 from fedmoa.grpo.trainer import GRPOSettings, LocalTrainer
-from fedmoa.weighting import StaticWeighting
+from fedmoa.weighting import RewardWeighting, StaticWeighting
 from test_trainer import PROMPTS, tiny_policy
 
 
@@ -95,16 +96,23 @@ def brevity(prompts, completions, **_):
     return [1.0 / (1 + len(c[0]["content"])) for c in completions]
 
 
+def seven_short_trainer(
+    policy: Any, tokenizer: Any, weighting: RewardWeighting, settings: GRPOSettings
+) -> LocalTrainer:
+    """A trainer on ``PROMPTS`` with the objectives ``seven`` (closeness) and ``short``."""
+    rows = [{"prompt": p} for p in PROMPTS]
+    funcs = [("seven", closeness), ("short", brevity)]
+    return LocalTrainer(policy, tokenizer, rows, funcs, weighting, settings, seed=0)
+
+
 def two_steps(
     settings: GRPOSettings,
 ) -> tuple[list[dict[str, float]], list[list[torch.Tensor]], dict[str, torch.Tensor]]:
     """Two trainer steps: their logs, the gradient each optimizer step applied, the adapter."""
     torch.manual_seed(0)
     policy, tokenizer = tiny_policy()
-    rows = [{"prompt": p} for p in PROMPTS]
     weighting = StaticWeighting(["seven", "short"], "seven", [1.0, 0.5])
-    funcs = [("seven", closeness), ("short", brevity)]
-    trainer = LocalTrainer(policy, tokenizer, rows, funcs, weighting, settings, seed=0)
+    trainer = seven_short_trainer(policy, tokenizer, weighting, settings)
     gradients: list[list[torch.Tensor]] = []
 
     def record(optimizer: torch.optim.Optimizer, *_: object) -> None:

@@ -22,7 +22,7 @@ from fedmoa.grpo.trainer import GRPOSettings, LocalTrainer, micro_batches
 from fedmoa.models import LoraSettings, attach_lora, tiny_random_model
 from fedmoa.weighting import HypergradientWeighting, StaticWeighting
 from test_cli import TINY_CONFIG, run_cli, write_config
-from test_fast_paths import brevity, closeness, two_steps
+from test_fast_paths import brevity, closeness, seven_short_trainer, two_steps
 from test_federation_config import EXPERIMENT
 from test_trainer import PROMPTS, tiny_policy
 from test_weighting import tiny_batch_signals, tiny_peft
@@ -137,15 +137,7 @@ def hypergradient_run(micro_batch_size: int, per_sample: bool, prompt_once: bool
         micro_batch_size=micro_batch_size,
         prompt_once=prompt_once,
     )
-    trainer = LocalTrainer(
-        policy,
-        tokenizer,
-        [{"prompt": p} for p in PROMPTS],
-        [("seven", closeness), ("short", brevity)],
-        weighting,
-        settings,
-        seed=0,
-    )
+    trainer = seven_short_trainer(policy, tokenizer, weighting, settings)
     probes: list[torch.Tensor] = []
     history = trainer.train(2, lambda _: probes.append(weighting.cached.clone()))
     return history, probes, weighting
