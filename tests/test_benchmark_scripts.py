@@ -19,18 +19,22 @@ from conftest import needs_cxx
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_smoke(script: str, tmp_path: Path, threads: bool = True) -> dict[str, Any]:
+def run_script(script: str, tmp_path: Path, options: list[str]) -> tuple[dict[str, Any], str]:
+    """Run ``script`` with ``options`` and ``--json``; its figures and its printed report."""
     out = tmp_path / "figures.json"
-    options = ["--smoke", *(["--threads", "1"] if threads else []), "--json", str(out)]
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *options],
+        [sys.executable, str(BENCHMARKS / script), *options, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def run_smoke(script: str, tmp_path: Path, threads: bool = True) -> dict[str, Any]:
+    return run_script(script, tmp_path, ["--smoke", *(["--threads", "1"] if threads else [])])[0]
 
 
 def test_memory_vs_trl_smoke(tmp_path: Path) -> None:
@@ -246,52 +250,35 @@ def test_reward_hacking_references_check_what_the_verifiers_promise() -> None:
 
 
 def test_logprob_memory_runs_both_settings_and_they_agree(tmp_path: Path) -> None:
-    out = tmp_path / "figures.json"
-    proc = subprocess.run(
+    figures, stdout = run_script(
+        "logprob_memory.py",
+        tmp_path,
         [
-            sys.executable,
-            str(BENCHMARKS / "logprob_memory.py"),
             *("--model", "tiny-random-qwen2", "--dtype", "fp32", "--sequences", "2"),
             *("--completion-tokens", "6", "--chunk", "4", "--micro", "1", "--threads", "1"),
-            *("--json", str(out)),
         ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = json.loads(out.read_text())
     assert figures["whole"]["chunk"] == 0 and figures["chunked"]["chunk"] == 4
     assert figures["micro"]["micro_batch_size"] == 1 and figures["micro_chunked"]["chunk"] == 4
     assert figures["max_logp_difference"] <= 1e-5
     assert figures["grad_norm_relative_difference"] <= 1e-5
-    assert "peak ratio whole/chunked" in proc.stdout
+    assert "peak ratio whole/chunked" in stdout
 
 
 @needs_cxx
 def test_prompt_once_times_both_sides_and_they_agree(tmp_path: Path) -> None:
-    out = tmp_path / "figures.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "prompt_once.py"),
-            *("--smoke", "--compiled", "--dtype", "fp32", "--threads", "1", "--json", str(out)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    figures, stdout = run_script(
+        "prompt_once.py",
+        tmp_path,
+        ["--smoke", "--compiled", "--dtype", "fp32", "--threads", "1"],
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = json.loads(out.read_text())
     for side in ("whole", "prompt_once"):
         assert len(figures[side]["wall_s"]) == figures["args"]["repeats"]
         assert figures[side]["median_wall_s"] > 0
     assert figures["ratio_wall_whole_over_prompt_once"] > 0
     assert figures["max_logp_difference"] <= 1e-5
     assert figures["grad_relative_difference"] <= 1e-5
-    assert "ratio whole/prompt_once" in proc.stdout
+    assert "ratio whole/prompt_once" in stdout
     assert figures["compiled"]["first_call_s"] > 0 and figures["ratio_wall_whole_over_compiled"] > 0
     assert figures["compiled_max_logp_difference"] <= 1e-4
 
