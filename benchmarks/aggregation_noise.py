@@ -1,22 +1,31 @@
-"""Do the accuracy-aware weights follow the clients' quality or their validation noise?
+"""Do the accuracy-aware weights follow the quality of the clients' updates, or validation noise?
 
-Simulated clients of one task with known true accuracies; every round each reports the
-share of ``V`` validation prompts it got right (a binomial draw), and the server's
+Simulated clients of one task with known true qualities; every round each client's start
+adapter and trained adapter are scored on ``V`` of its validation prompts, and the server's
 within-task weights ``α_k`` (``fedmoa.aggregation.within_task_weights``, the function both
 engines call) are computed from these reports, round after round, over many independent
-draws. Two scenarios, each with ``K`` clients of equal ``n_k``:
+draws. A client is its start adapter's accuracy ``s`` on its own validation split and the true
+gain ``g`` of its update: the update turns a wrong answer right with probability ``up`` and a
+right one wrong with probability ``DOWN`` (0.1), so that the trained adapter's accuracy is
+``s + g``. Three scenarios, each with ``K`` clients of equal ``n_k``, peers at ``s = p − 0.2``
+and ``g = 0.2`` (trained accuracy ``p``):
 
-* ``equal``: every client truly has accuracy ``p``. Target: every share within
-  ``[0.7/K, 1.3/K]`` (``[0.35, 0.65]`` for two clients) in ≥ 90% of draws, at every ``V``.
-* ``worse``: one client truly has ``p − 0.2``, its peers ``p``. Target: its share is below
-  every peer's in ≥ 90% of draws at ``V = 16``.
+* ``equal``: every client is a peer. Target: every share within ``[0.7/K, 1.3/K]``
+  (``[0.35, 0.65]`` for two clients) in ≥ 90% of draws, at every ``V``.
+* ``worse``: one client's update gains nothing (``g = 0``, trained accuracy ``p − 0.2``).
+  Target: its share is below every peer's in ≥ 90% of draws at ``V = 16``.
+* ``easier``: the same useless update on an easier validation set (``s = p + 0.1``): its
+  trained accuracy ``p + 0.1`` is *above* its peers'. Target as for ``worse``.
 
 Rules side by side: the paper's ``softmax`` (``exp(a_k/T_acc)`` on this round's ``a_k``), the
-``noise-aware`` rule with ``ρ = 0`` (this round's outcomes only) and with the default ρ.
-The ``bound`` column is the best any rule that sees only this round's outcomes can do in
-``worse``: the chance that the worse client's ``a_k`` is strictly below every peer's.
+``noise-aware`` rule with ``ρ = 0`` (this round's outcomes only) and with the default ρ, all
+three on the first ``V`` rows of the split every round, and the ``gain`` rule (paired
+``after − before`` on ``V`` of the split's ``M`` rows drawn afresh each round) with ``ρ = 0``
+and the default ρ. The ``bound`` column is the best any rule that sees only this round's
+trained accuracies can do in ``worse``: the chance that the worse client's ``a_k`` is strictly
+below every peer's.
 
-    python benchmarks/aggregation_noise.py            # 4000 draws per cell, ~1 min
+    python benchmarks/aggregation_noise.py            # 4000 draws per cell, a few minutes
     python benchmarks/aggregation_noise.py --smoke    # 200 draws, seconds
 """
 
@@ -26,7 +35,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +45,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, not
 from _common import finish
 
 from fedmoa.aggregation import (
-    AccuracyEvidence,
     ClientUpdate,
     TaskAccuracySettings,
     accumulate_evidence,
+    accumulate_gain_evidence,
     within_task_weights,
 )
 
 EQUAL_BAND = (0.7, 1.3)  # × 1/K
 TARGET = 0.90
-GAP = 0.2
+GAP = 0.2  # the peers' true gain; the worse client's is 0
+DOWN = 0.1  # chance that an update turns a right answer wrong
+EASIER = 0.3  # how much easier the ``easier`` client's validation set is than its peers'
+SCENARIOS = ("equal", "worse", "easier")
+
+
+@dataclass(frozen=True)
+class SimulatedClient:
+    start: float  # accuracy of the start adapter on the client's validation split
+    gain: float  # true gain of the client's update
+
+    @property
+    def up(self) -> float:
+        """Chance that the update turns a wrong answer right, for a trained accuracy s + g."""
+        return (self.gain + DOWN * self.start) / (1.0 - self.start)
+
+
+def scenario(name: str, p: float, clients: int) -> list[SimulatedClient]:
+    """The ``K`` clients of a scenario; the odd one (if any) first."""
+    peer = SimulatedClient(p - GAP, GAP)
+    odd = {
+        "equal": peer,
+        "worse": SimulatedClient(p - GAP, 0.0),
+        "easier": SimulatedClient(p - GAP + EASIER, 0.0),
+    }[name]
+    return [odd] + [peer] * (clients - 1)
 
 
 def rules(defaults: TaskAccuracySettings) -> dict[str, TaskAccuracySettings]:
@@ -53,32 +87,61 @@ def rules(defaults: TaskAccuracySettings) -> dict[str, TaskAccuracySettings]:
         "softmax": replace(defaults, rule="softmax"),
         "noise-aware ρ=0": replace(defaults, rule="noise-aware", memory=0.0),
         f"noise-aware ρ={defaults.memory:g}": replace(defaults, rule="noise-aware"),
+        "gain ρ=0": replace(defaults, rule="gain", memory=0.0),
+        f"gain ρ={defaults.memory:g}": replace(defaults, rule="gain"),
     }
 
 
 def simulate(
-    true_accuracy: Sequence[float],
+    clients: Sequence[SimulatedClient],
     validation_size: int,
+    split_size: int,
     settings: TaskAccuracySettings,
     rounds: int,
     draws: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Shares ``[draws, K]`` after ``rounds`` rounds of fresh validation outcomes."""
-    ids = [f"c{i}" for i in range(len(true_accuracy))]
-    correct = rng.binomial(validation_size, true_accuracy, size=(draws, rounds, len(ids)))
+    ids = [f"c{i}" for i in range(len(clients))]
+    shape = (draws, rounds, len(ids), validation_size)
+    start = np.array([c.start for c in clients])[:, None]
+    up = np.array([c.up for c in clients])[:, None]
+    before = rng.random(shape) < start
+    flip = rng.random(shape)
+    after = np.where(before, flip >= DOWN, flip < up)
+    paired = settings.rule == "gain"
+    if paired:  # V of the split's M rows, drawn afresh per round and client
+        rows = rng.random((draws, rounds, len(ids), split_size)).argsort(axis=-1)
+        rows = rows[..., :validation_size]
     shares = np.empty((draws, len(ids)))
     for d in range(draws):
-        evidence: dict[str, AccuracyEvidence] = {}
+        records: dict[str, Any] = {}
         for t in range(rounds):
             updates = [
                 ClientUpdate(
-                    cid, "task", 8, {}, correct[d, t, k] / validation_size, {}, validation_size
+                    cid,
+                    "task",
+                    8,
+                    {},
+                    float(after[d, t, k].mean()),
+                    {},
+                    validation_size,
+                    tuple(
+                        zip(
+                            rows[d, t, k].tolist(),
+                            before[d, t, k] * 1.0,
+                            after[d, t, k] * 1.0,
+                            strict=True,
+                        )
+                    )
+                    if paired
+                    else (),
                 )
                 for k, cid in enumerate(ids)
             ]
-            evidence = accumulate_evidence(evidence, updates, settings.memory)
-        shares[d] = within_task_weights(updates, settings, evidence)
+            accumulate = accumulate_gain_evidence if paired else accumulate_evidence
+            records = accumulate(records, updates, settings.memory)
+        shares[d] = within_task_weights(updates, settings, records)
     return shares
 
 
@@ -101,27 +164,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for v in args.validation_sizes:
                 for name, settings in rules(defaults).items():
                     for rounds in sorted({1, args.rounds}):
-                        equal = simulate([p] * clients, v, settings, rounds, args.draws, rng)
-                        low, high = (b / clients for b in EQUAL_BAND)
-                        in_band = float(((equal >= low) & (equal <= high)).all(axis=1).mean())
-                        worse = simulate(
-                            [p - GAP] + [p] * (clients - 1), v, settings, rounds, args.draws, rng
-                        )
-                        below = float((worse[:, :1] < worse[:, 1:]).all(axis=1).mean())
-                        cells.append(
-                            {
-                                "clients": clients,
-                                "p": p,
-                                "V": v,
-                                "rule": name,
-                                "rounds": rounds,
-                                "equal_in_band": in_band,
-                                "worse_below_peers": below,
-                                "worse_mean_share": float(worse[:, 0].mean()),
-                                "bound": single_round_bound(p, v, clients - 1, args.draws, rng),
-                            }
-                        )
-    return {"cells": cells, "settings": vars(defaults)}
+                        cell: dict[str, Any] = {
+                            "clients": clients,
+                            "p": p,
+                            "V": v,
+                            "rule": name,
+                            "rounds": rounds,
+                        }
+                        for kind in SCENARIOS:
+                            shares = simulate(
+                                scenario(kind, p, clients),
+                                v,
+                                args.split_size,
+                                settings,
+                                rounds,
+                                args.draws,
+                                rng,
+                            )
+                            if kind == "equal":
+                                low, high = (b / clients for b in EQUAL_BAND)
+                                inside = (shares >= low) & (shares <= high)
+                                cell["equal_in_band"] = float(inside.all(axis=1).mean())
+                            else:
+                                below = (shares[:, :1] < shares[:, 1:]).all(axis=1)
+                                cell[f"{kind}_below_peers"] = float(below.mean())
+                                cell[f"{kind}_mean_share"] = float(shares[:, 0].mean())
+                        cell["bound"] = single_round_bound(p, v, clients - 1, args.draws, rng)
+                        cells.append(cell)
+    return {"cells": cells, "settings": vars(defaults), "split_size": args.split_size}
 
 
 def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[str, Any]) -> str:
@@ -131,30 +201,34 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
         f"settings: T_acc {args.t_acc:g}, κ {args.noise_scale:g}, ρ {args.memory:g}; "
         f"{args.draws} draws per cell, shares after round 1 and round {args.rounds}",
         f"targets: equal: every share in [{EQUAL_BAND[0]:g}/K, {EQUAL_BAND[1]:g}/K] in ≥ {TARGET:.0%} "
-        f"of draws at every V; worse (−{GAP:g}): below every peer in ≥ {TARGET:.0%} at V = 16",
+        f"of draws at every V; worse and easier (gain {GAP:g} below its peers'): below every "
+        f"peer in ≥ {TARGET:.0%} at V = 16; gain rules draw V of {args.split_size} rows",
         "",
         f"{'K':>2} {'p':>4} {'V':>3} {'rule':<18} {'round':>5} {'equal in band':>14} "
-        f"{'worse below':>12} {'worse share':>12} {'bound':>6}",
+        f"{'worse below':>12} {'worse share':>12} {'easier below':>13} {'easier share':>13} "
+        f"{'bound':>6}",
     ]
     for c in results["cells"]:
         lines.append(
             f"{c['clients']:>2} {c['p']:>4.2f} {c['V']:>3} {c['rule']:<18} {c['rounds']:>5} "
             f"{c['equal_in_band']:>14.3f} {c['worse_below_peers']:>12.3f} "
-            f"{c['worse_mean_share']:>12.3f} {c['bound']:>6.3f}"
+            f"{c['worse_mean_share']:>12.3f} {c['easier_below_peers']:>13.3f} "
+            f"{c['easier_mean_share']:>13.3f} {c['bound']:>6.3f}"
         )
     lines.append("")
     for name in rules(TaskAccuracySettings(memory=args.memory)):
         mine = [c for c in results["cells"] if c["rule"] == name and c["rounds"] == args.rounds]
         equal_ok = all(c["equal_in_band"] >= TARGET for c in mine)
-        worse = [c for c in mine if c["V"] == 16]
-        worse_ok = bool(worse) and all(c["worse_below_peers"] >= TARGET for c in worse)
+        at16 = [c for c in mine if c["V"] == 16]
         lowest = min((c["equal_in_band"] for c in mine), default=float("nan"))
-        weakest = min((c["worse_below_peers"] for c in worse), default=float("nan"))
-        lines.append(
-            f"{name:<18} round {args.rounds}: equal target {'met' if equal_ok else 'MISSED'} "
-            f"(lowest {lowest:.3f}); worse target {'met' if worse_ok else 'MISSED'} "
-            f"(lowest at V = 16: {weakest:.3f})"
-        )
+        verdicts = [f"equal target {'met' if equal_ok else 'MISSED'} (lowest {lowest:.3f})"]
+        for kind in ("worse", "easier"):
+            weakest = min((c[f"{kind}_below_peers"] for c in at16), default=float("nan"))
+            met = bool(at16) and weakest >= TARGET
+            verdicts.append(
+                f"{kind} target {'met' if met else 'MISSED'} (lowest at V = 16: {weakest:.3f})"
+            )
+        lines.append(f"{name:<18} round {args.rounds}: " + "; ".join(verdicts))
     return "\n".join(lines)
 
 
@@ -168,6 +242,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--t-acc", type=float, default=TaskAccuracySettings.t_acc)
     parser.add_argument("--noise-scale", type=float, default=TaskAccuracySettings.noise_scale)
     parser.add_argument("--memory", type=float, default=TaskAccuracySettings.memory)
+    parser.add_argument("--split-size", type=int, default=40, help="validation rows M")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="200 draws, 2 clients, p = 0.5")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, not a package
 from _common import finish, report_header, start
 from local_step import SMOKE_MODEL, machine_info
+from study_rewards import exact_final_number
 from weighting_behaviour import reset_adapter
 
 from fedmoa.data import DataConfig, load_rows
@@ -59,14 +58,6 @@ LENGTH_TARGET = 8
 
 
 # -- independent references, written from each verifier's definition ----------------------------
-
-
-def exact_final_number(text: str, gold: str) -> float:
-    """1.0 when the last number written in ``text`` equals the gold number exactly."""
-    numbers = re.findall(r"[-\u2212]?\d+(?:\.\d+)?", text.replace(",", ""))
-    if not numbers:
-        return 0.0
-    return float(Fraction(numbers[-1].replace("\u2212", "-")) == Fraction(gold))
 
 
 def has_closed_boxed(text: str) -> float:

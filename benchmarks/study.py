@@ -61,8 +61,8 @@ def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed
     """The study file with this run's method, seed and overrides; everything else unchanged.
 
     ``METHOD+WEIGHTING`` (e.g. ``fedavg+saw``) is ``server.method = METHOD`` with
-    ``[weighting] method = WEIGHTING``. A reward file named relative to the study file is
-    made absolute: the run's copy of the config lives elsewhere.
+    ``[weighting] method = WEIGHTING``. A reward or check file named relative to the study
+    file is made absolute: the run's copy of the config lives elsewhere.
     """
     cfg = json.loads(json.dumps(base))  # deep copy of plain TOML data
     cfg["seed"] = seed
@@ -72,8 +72,8 @@ def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed
     cfg.setdefault("server", {})["method"] = server_method
     if weighting:
         cfg.setdefault("weighting", {})["method"] = weighting
-    for client in cfg.get("clients", []):
-        for reward in client.get("rewards", []):
+    for client in [*cfg.get("clients", []), cfg.get("client_defaults", {})]:
+        for reward in [*client.get("rewards", []), *client.get("checks", [])]:
             file, sep, name = str(reward.get("function", "")).rpartition(":")
             if sep and file.endswith(".py") and not Path(file).is_absolute():
                 reward["function"] = f"{(args.config.parent / file).resolve()}:{name}"

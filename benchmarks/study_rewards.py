@@ -1,4 +1,5 @@
-"""Study rewards that no built-in provides: one that conflicts with the primary, one that is broken.
+"""Study rewards that no built-in provides: one that conflicts with the primary, one that is
+broken, and the study's independent answer check.
 
 ``no_digits`` scores 1.0 for a completion without a digit. Every correct answer to the study's
 arithmetic problems has one, so the more a client's policy serves this objective, the fewer
@@ -12,7 +13,9 @@ validation accuracy uses, stays honest.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 from fedmoa.rewards.base import Completion, completion_text
@@ -31,3 +34,25 @@ def wrong_answer(
     """A broken correctness reward: 1.0 for a wrong answer, 0.0 for a right one (strict check)."""
     scores = math_accuracy(prompts, completions, answer)
     return [None if s is None else 1.0 - s for s in scores]
+
+
+def exact_final_number(text: str, gold: str) -> float:
+    """1.0 when the last number written in ``text`` equals the gold number exactly.
+
+    Written for the study from the task's definition, apart from ``math_accuracy``'s parsing:
+    the last number in the text, no expressions, no units, no answer markers.
+    """
+    numbers = re.findall(r"[-\u2212]?\d+(?:\.\d+)?", text.replace(",", ""))
+    if not numbers:
+        return 0.0
+    return float(Fraction(numbers[-1].replace("\u2212", "-")) == Fraction(gold))
+
+
+def exact_number(
+    prompts: Sequence[Any], completions: Sequence[Completion], answer: Sequence[Any], **kwargs: Any
+) -> list[float | None]:
+    """The independent check of the study's accuracies (``checks`` in its config)."""
+    return [
+        exact_final_number(completion_text(c), str(a))
+        for c, a in zip(completions, answer, strict=True)
+    ]

@@ -202,19 +202,29 @@ def test_weighting_behaviour_smoke_runs_every_method_and_scenario_and_resumes(
     assert again["summary"] == figures["summary"]
 
 
-def test_aggregation_noise_smoke_prints_both_rules_and_the_bound(tmp_path: Path) -> None:
+def test_aggregation_noise_smoke_prints_every_rule_and_the_bound(tmp_path: Path) -> None:
     figures = run_smoke("aggregation_noise.py", tmp_path, threads=False)  # no torch compute
     cells = figures["cells"]
     rules = {c["rule"] for c in cells}
-    assert rules == {"softmax", "noise-aware ρ=0", "noise-aware ρ=0.5"}
+    assert rules == {"softmax", "noise-aware ρ=0", "noise-aware ρ=0.5", "gain ρ=0", "gain ρ=0.5"}
     assert {c["V"] for c in cells} == {4, 8, 16} and {c["rounds"] for c in cells} == {1, 6}
     for c in cells:
-        assert 0 <= c["equal_in_band"] <= 1 and 0 <= c["worse_below_peers"] <= 1
-    # What the rule is for: equal clients stay near an equal split far more often than under
-    # the paper's rule, at every V (200 draws: the gap is many standard errors wide).
+        for key in ("equal_in_band", "worse_below_peers", "easier_below_peers"):
+            assert 0 <= c[key] <= 1
+    # What the rules are for (200 draws: each gap is many standard errors wide): equal clients
+    # stay near an equal split far more often than under the paper's rule, at every V; and a
+    # useless update validated on an easier set is ranked below its peers only by the gain.
     for v in (4, 8, 16):
         at = {c["rule"]: c for c in cells if c["V"] == v and c["rounds"] == 6}
         assert at["noise-aware ρ=0.5"]["equal_in_band"] > at["softmax"]["equal_in_band"] + 0.4
+        assert at["gain ρ=0.5"]["equal_in_band"] > at["softmax"]["equal_in_band"] + 0.4
+    at16 = {c["rule"]: c for c in cells if c["V"] == 16 and c["rounds"] == 6}
+    assert (
+        at16["gain ρ=0.5"]["easier_below_peers"]
+        > 0.8
+        > 0.5
+        > at16["noise-aware ρ=0.5"]["easier_below_peers"]
+    )
 
 
 def test_reward_hacking_smoke_scores_every_case_and_task_twice(tmp_path: Path) -> None:

@@ -115,10 +115,18 @@ def files(run: Path) -> set[str]:
 # -- the engines agree ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decode", ["eager", pytest.param("compiled", marks=needs_cxx)])
-def test_flower_simulation_matches_embedded_engine(tmp_path, decode):
+@pytest.mark.parametrize(
+    ("decode", "rule"),
+    [
+        ("eager", "noise-aware"),
+        pytest.param("compiled", "noise-aware", marks=needs_cxx),
+        ("eager", "gain"),
+    ],
+)
+def test_flower_simulation_matches_embedded_engine(tmp_path, decode, rule):
     """2 rounds, 3 clients with different objectives: bit-identical adapters and records,
-    under either decode (``[model] decode``).
+    under either decode (``[model] decode``) and with the paired gain rule, whose
+    validation pairs travel in a record of their own.
 
     Both engines call ``run_client_round`` with the same seed, start adapter and
     client state, and the server sums the updates in client-id order, whatever
@@ -126,7 +134,9 @@ def test_flower_simulation_matches_embedded_engine(tmp_path, decode):
     """
     config = write_experiment(tmp_path, "fedmoa", rounds=2)
     config.write_text(
-        config.read_text().replace('device = "cpu"', f'device = "cpu"\ndecode = "{decode}"', 1)
+        config.read_text()
+        .replace('device = "cpu"', f'device = "cpu"\ndecode = "{decode}"', 1)
+        .replace("[server]", f'[server]\naccuracy_rule = "{rule}"', 1)
     )
     embedded_run = tmp_path / "embedded"
     with torch_threads(1):
@@ -170,6 +180,8 @@ def test_flower_simulation_matches_embedded_engine(tmp_path, decode):
     # Heterogeneous rewards in one simulation: each client logged its own objectives.
     clients = {(r["client"], r["round"]): r for r in flower_records if r["type"] == "client"}
     assert len(clients) == 6 and not any("failed" in r for r in clients.values())
+    # The gain rule's pairs crossed the wire (the records above match the embedded ones).
+    assert all(("validation_pairs" in r) == (rule == "gain") for r in clients.values())
     objectives = {
         cid: sorted(k.removeprefix("weights/") for k in r if k.startswith("weights/"))
         for (cid, _), r in clients.items()

@@ -145,6 +145,26 @@ class RewardConfig:
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
+@dataclass(config=STRICT)
+class CheckConfig:
+    """An evaluation-only score: a TRL-style reward function that is never trained on.
+
+    Scored beside the objectives on every evaluation's test rows and reported as
+    ``<kind>/<client>/checks/<name>`` (and aggregated like accuracy), so that a verifier's
+    accuracy can be read next to an independent check of the same completions.
+    """
+
+    name: str  # check name, unique within the client and apart from its objectives' names
+    function: str  # built-in name, "module:function" or "path.py:function"
+    # keyword arguments bound to the function (with factory = true: passed to the factory)
+    params: dict[str, Any] = field(default_factory=dict)
+    factory: bool = False  # function is a factory that returns the check function
+    # a failing call stops the run (raise) or scores None and goes on (none)
+    on_error: Literal["raise", "none"] = "raise"
+    # seconds one call may take; none: no limit
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
 def check_rewards(rewards: list[RewardConfig]) -> list[RewardConfig]:
     """Exactly one primary objective, unique names, some positive weight."""
     if not rewards:
@@ -349,7 +369,7 @@ def anchor_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
     """A config table with its relative paths made absolute against ``base``, its file's folder.
 
     A config file must mean the same wherever it is run from (a SuperNode, another folder):
-    ``output_dir``, ``adapter``, ``data.path``, a reward's ``path/to/file.py:function`` and the
+    ``output_dir``, ``adapter``, ``data.path``, a reward's or check's ``path/to/file.py:function`` and the
     same in each of ``clients`` are relative to the file that names them, never to the working
     directory. Absolute paths, built-in reward names and ``package.module:function`` are kept;
     command-line options (``--output``) stay relative to the working directory.
@@ -367,19 +387,21 @@ def anchor_paths(table: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _anchor_client(table: dict[str, Any], base: Path) -> dict[str, Any]:
-    """The ``data`` and ``rewards`` entries of ``table``, anchored (only those it has)."""
+    """The ``data``, ``rewards`` and ``checks`` entries of ``table``, anchored (only those it
+    has)."""
     out: dict[str, Any] = {}
     data = table.get("data")
     if isinstance(data, dict) and "path" in data:
         out["data"] = {**data, "path": _anchored(data["path"], base)}
-    rewards = table.get("rewards")
-    if isinstance(rewards, list):
-        out["rewards"] = [
-            {**r, "function": _anchored_reward(r["function"], base)}
-            if isinstance(r, dict) and "function" in r
-            else r
-            for r in rewards
-        ]
+    for key in ("rewards", "checks"):
+        functions = table.get(key)
+        if isinstance(functions, list):
+            out[key] = [
+                {**r, "function": _anchored_reward(r["function"], base)}
+                if isinstance(r, dict) and "function" in r
+                else r
+                for r in functions
+            ]
     return out
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedmoa.config import RewardConfig, TrainLocalConfig
+from fedmoa.config import CheckConfig, RewardConfig, TrainLocalConfig
 from fedmoa.data import load_rows
 from fedmoa.errors import ConfigError, DataError, RewardError
 from fedmoa.grpo.trainer import LocalTrainer
@@ -27,7 +27,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_reward_funcs(
-    rewards: list[RewardConfig], field: str = "rewards"
+    rewards: Sequence[RewardConfig | CheckConfig], field: str = "rewards"
 ) -> list[tuple[str, RewardFunc]]:
     """Load every objective's function under its failure policy (``on_error``, ``timeout``);
     a bad spec, or a function that cannot take TRL's reward call, names its config field.

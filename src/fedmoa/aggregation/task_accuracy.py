@@ -13,8 +13,15 @@ specified in docs "Server: task- and accuracy-aware aggregation":
    earlier ones) and the temperature grows with the standard error of that record:
    ``T_τ = T_acc + κ·sqrt(p̄_τ(1−p̄_τ)/N̄_τ)``, so a difference the size of sampling
    noise moves shares little and ``V → ∞`` (with ``ρ = 0``) is the paper's rule.
+   With ``rule = "gain"`` the signal is the update's paired gain instead: each client
+   scores the same freshly drawn validation prompts with its start adapter and with its
+   trained one, ``ĝ_k`` is the mean of ``after − before`` over its record (repeated
+   prompts merged, so they are not counted as new evidence), and
+   ``T_τ = T_acc + κ·sqrt(q̄_τ/N̄_τ)`` with ``q̄_τ`` the pooled rate of prompts whose
+   score changed and ``N̄_τ`` the mean number of distinct prompts: a hard validation
+   set no longer passes for a bad update.
    An optional cap bounds any one client's ``α_k`` (docs/design.md, "Accuracy-aware
-   weights under sampling noise");
+   weights under sampling noise" and "The gain of an update");
 3. task update ``Δ_τ = Σ_{k∈C_τ} α_k Δθ_k``;
 4. task mix ``π_τ ∝ (Σ_{k∈C_τ} n_k)^γ``: γ = 0 gives every task the same share
    whatever its number of clients (tasks do not drown each other out),
@@ -35,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Literal
 
@@ -54,8 +61,8 @@ from fedmoa.aggregation.updates import (
 )
 from fedmoa.errors import ConfigError
 
-AccuracyRule = Literal["noise-aware", "softmax"]
-ACCURACY_RULES: tuple[AccuracyRule, ...] = ("noise-aware", "softmax")
+AccuracyRule = Literal["noise-aware", "softmax", "gain"]
+ACCURACY_RULES: tuple[AccuracyRule, ...] = ("noise-aware", "softmax", "gain")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,87 @@ class AccuracyEvidence:
 
     successes: float
     trials: float
+
+
+@dataclass(frozen=True)
+class GainEvidence:
+    """A client's paired validation record under the ``gain`` rule.
+
+    Per validation row (its index in the client's validation split): the discounted sums
+    ``(Σ w·d, Σ w·|d|, Σ w)`` of its gains ``d = after − before``. A row drawn again merges
+    into its entry, so the effective number of prompts (Kish's ``(Σw)²/Σw²``) counts it once.
+    """
+
+    rows: Mapping[int, tuple[float, float, float]] = field(default_factory=dict)
+
+    @property
+    def weight(self) -> float:
+        return sum(w for *_, w in self.rows.values())
+
+    @property
+    def gain_sum(self) -> float:
+        return sum(d for d, _, _ in self.rows.values())
+
+    @property
+    def changed_sum(self) -> float:
+        return sum(c for _, c, _ in self.rows.values())
+
+    @property
+    def distinct(self) -> float:
+        """Effective number of distinct prompts behind the record."""
+        squares = sum(w * w for *_, w in self.rows.values())
+        return self.weight**2 / squares if squares > 0 else 0.0
+
+
+def accumulate_gain_evidence(
+    previous: Mapping[str, GainEvidence], updates: Iterable[ClientUpdate], memory: float
+) -> dict[str, GainEvidence]:
+    """Each reporting client's gain record: this round's pairs plus ρ × its earlier ones.
+
+    Each round's pairs measure another update of the same client, so older ones count for
+    less, as in :func:`accumulate_evidence`; a row seen before adds to its own entry.
+    """
+    out = dict(previous)
+    for u in updates:
+        rows = {
+            row: (memory * d, memory * c, memory * w)
+            for row, (d, c, w) in previous.get(u.client_id, GainEvidence()).rows.items()
+        }
+        for row, before, after in u.validation_pairs:
+            d, c, w = rows.get(row, (0.0, 0.0, 0.0))
+            rows[row] = (d + after - before, c + abs(after - before), w + 1.0)
+        out[u.client_id] = GainEvidence(rows)
+    return out
+
+
+def gain_weights(
+    updates: Sequence[ClientUpdate],
+    t_acc: float,
+    noise_scale: float,
+    evidence: Mapping[str, GainEvidence] | None = None,
+) -> list[float]:
+    """α_k ∝ n_k·exp(ĝ_k/T_τ), ``T_τ = T_acc + κ·sqrt(q̄_τ/N̄_τ)``, over one task's clients.
+
+    ``ĝ_k``: the mean paired gain of the client's record (``evidence``; this round's pairs
+    when absent). A client without pairs gets the task's pooled gain, no reward and no
+    penalty. ``q̄_τ`` (Jeffreys-smoothed) is the pooled rate of changed scores: for
+    ``|d| ≤ 1``, ``Var d ≤ E|d|``, so ``sqrt(q̄/N)`` bounds the standard error of a mean gain
+    over N distinct prompts whatever the set's difficulty, which cancels in ``d``.
+    """
+    evidence = evidence or {}
+    records = [
+        evidence.get(u.client_id) or accumulate_gain_evidence({}, [u], 0.0)[u.client_id]
+        for u in updates
+    ]
+    weights = [r.weight for r in records]
+    if not any(w > 0 for w in weights):  # nobody has evidence: by samples alone
+        return _tempered_weights(updates, [0.0] * len(updates), math.inf)
+    pooled_gain = sum(r.gain_sum for r in records) / sum(weights)
+    gains = [r.gain_sum / r.weight if r.weight > 0 else pooled_gain for r in records]
+    changed = (sum(r.changed_sum for r in records) + 0.5) / (sum(weights) + 1.0)
+    sizes = [r.distinct for r in records if r.weight > 0]
+    standard_error = math.sqrt(changed / (sum(sizes) / len(sizes)))
+    return _tempered_weights(updates, gains, t_acc + noise_scale * standard_error)
 
 
 def accumulate_evidence(
@@ -182,13 +270,17 @@ def cap_shares(weights: Sequence[float], cap: float) -> list[float]:
 def within_task_weights(
     members: Sequence[ClientUpdate],
     settings: TaskAccuracySettings,
-    evidence: Mapping[str, AccuracyEvidence] | None = None,
+    evidence: Mapping[str, AccuracyEvidence | GainEvidence] | None = None,
 ) -> list[float]:
     """The α_k of one task's clients under ``settings`` (rule, then the cap)."""
     if settings.rule == "softmax":
         alphas = accuracy_weights(members, settings.t_acc)
+    elif settings.rule == "gain":
+        gains = {k: e for k, e in (evidence or {}).items() if isinstance(e, GainEvidence)}
+        alphas = gain_weights(members, settings.t_acc, settings.noise_scale, gains)
     else:
-        alphas = noise_aware_weights(members, settings.t_acc, settings.noise_scale, evidence)
+        records = {k: e for k, e in (evidence or {}).items() if isinstance(e, AccuracyEvidence)}
+        alphas = noise_aware_weights(members, settings.t_acc, settings.noise_scale, records)
     return (
         cap_shares(alphas, settings.max_client_share) if settings.max_client_share < 1 else alphas
     )
@@ -226,12 +318,13 @@ def task_accuracy_aggregate(
     updates: Iterable[ClientUpdate],
     settings: TaskAccuracySettings | None = None,
     robust_norm: float | None = None,
-    evidence: Mapping[str, AccuracyEvidence] | None = None,
+    evidence: Mapping[str, AccuracyEvidence | GainEvidence] | None = None,
 ) -> AggregationResult:
     """One FedMOA server round (steps 1-6 of the module docstring).
 
     ``evidence``: each client's validation record for the noise-aware rule
-    (:func:`accumulate_evidence`); without it, this round's outcomes alone.
+    (:func:`accumulate_evidence`) or the gain rule (:func:`accumulate_gain_evidence`);
+    without it, this round's outcomes alone.
     ``client_weights[k] = π_τ(k)·α_k`` is each client's effective weight in
     ``global_delta = Σ_τ π_τ Δ_τ``. Clients and tasks are processed in sorted
     order, so the result is bit-identical whatever order the replies came in.

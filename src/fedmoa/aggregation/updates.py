@@ -46,6 +46,9 @@ class ClientUpdate:
     metrics: Mapping[str, float] = field(default_factory=dict)
     # V_k: validation rows behind ``accuracy`` (its evidence); 0 = none, the accuracy says nothing
     validation_size: int = 0
+    # Under the "gain" accuracy rule: (validation row, primary score of the start adapter, of
+    # the updated adapter) per prompt scored both times, the paired evidence of the update's gain
+    validation_pairs: tuple[tuple[int, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,8 @@ def _invalid_reason(
     v = update.validation_size
     if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
         return f"validation_size must be a non-negative integer, got {v!r}"
+    if (reason := _invalid_pairs(update.validation_pairs, rate_accuracy)) is not None:
+        return reason
     if not isinstance(update.task, str) or not update.task:
         return f"task must be a non-empty string, got {update.task!r}"
     missing = sorted(reference.keys() - update.delta.keys())
@@ -186,6 +191,26 @@ def _invalid_reason(
             return f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}"
         if not bool(torch.isfinite(tensor).all()):
             return f"{name!r} has non-finite values (NaN or inf)"
+    return None
+
+
+def _invalid_pairs(pairs: object, rate_accuracy: bool) -> str | None:
+    """What is wrong with ``validation_pairs``: rows must be distinct indices, scores rates."""
+    if not isinstance(pairs, tuple | list):
+        return f"validation_pairs must be a sequence of (row, before, after), got {pairs!r}"
+    rows = set()
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 3:
+            return f"validation_pairs entries must be (row, before, after), got {pair!r}"
+        row, *scores = pair
+        if not isinstance(row, Integral) or isinstance(row, bool) or row < 0 or row in rows:
+            return f"validation_pairs rows must be distinct non-negative integers, got {row!r}"
+        rows.add(row)
+        for score in scores:
+            if not is_real(score) or not math.isfinite(score):
+                return f"validation_pairs scores must be finite numbers, got {score!r}"
+            if rate_accuracy and not 0.0 <= score <= 1.0:
+                return f"validation_pairs scores must be in [0, 1], got {score!r}"
     return None
 
 

@@ -45,6 +45,8 @@ class EvalResult:
     reward_means: dict[str, float] = field(default_factory=dict)
     num_rows: int = 0
     accuracy_rows: int = 0  # rows the primary scored (not None): the evidence behind ``accuracy``
+    # evaluation-only checks of the same completions (``[[clients]] checks``): name -> mean
+    check_means: dict[str, float] = field(default_factory=dict)
     completions: list[str] = field(default_factory=list)
     # Per-row detail for reports (``fedmoa eval``); the federation only reads the means above.
     rewards: torch.Tensor | None = None  # [num_rows, m], NaN where an objective does not apply
@@ -59,6 +61,7 @@ class EvalResult:
     def metrics(self, prefix: str) -> dict[str, float]:
         out = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/hypervolume": self.hypervolume}
         out.update({f"{prefix}/rewards/{k}": v for k, v in self.reward_means.items()})
+        out.update({f"{prefix}/checks/{k}": v for k, v in self.check_means.items()})
         return out
 
 
@@ -153,8 +156,13 @@ def evaluate_rows(
     max_new_tokens: int,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    checks: Sequence[tuple[str, RewardFunc]] = (),
 ) -> EvalResult:
-    """Greedy completions for ``rows`` scored by every objective; accuracy is the primary's mean."""
+    """Greedy completions for ``rows`` scored by every objective; accuracy is the primary's mean.
+
+    ``checks`` score the same completions for the report only: they are in ``check_means``,
+    not in ``reward_means`` or the hypervolume.
+    """
     if not rows:
         return EvalResult(accuracy=math.nan)
     prompts = [row["prompt"] for row in rows]
@@ -162,11 +170,14 @@ def evaluate_rows(
     completions = [[{"role": "assistant", "content": t}] for t in gen.texts]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
     columns["completion_ids"] = gen.token_ids  # as in training: ``length`` counts tokens in both
-    rewards = compute_rewards(reward_funcs, prompts, completions, columns)
+    scored = compute_rewards([*reward_funcs, *checks], prompts, completions, columns)
+    rewards = scored[:, : len(reward_funcs)]
     means = {name: _nanmean(rewards[:, i]) for i, (name, _) in enumerate(reward_funcs)}
     column = [name for name, _ in reward_funcs].index(primary)
+    offset = len(reward_funcs)
     return EvalResult(
         accuracy=means[primary],
+        check_means={name: _nanmean(scored[:, offset + i]) for i, (name, _) in enumerate(checks)},
         reward_means=means,
         num_rows=len(rows),
         accuracy_rows=int((~torch.isnan(rewards[:, column])).sum()),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.data import ClientData, load_split
-from fedmoa.eval import evaluate_rows
+from fedmoa.eval import EvalResult, evaluate_rows
 from fedmoa.federation.config import (
     PRIMARY_ONLY_METHODS,
     TASK_ACCURACY_METHODS,
@@ -185,9 +187,19 @@ def run_client_round(
         # Per thread: an engine may run this round on a thread other than the one that loaded
         # the model, and denormals must flush alike on every engine for bit-equal adapters.
         torch.set_flush_denormal(True)
+    primary = client.primary_reward
+    max_new = server.eval_max_new_tokens or client.grpo.max_new_tokens
+    paired = method in TASK_ACCURACY_METHODS and server.accuracy_rule == "gain"
+    rows = validation_indices(
+        len(data.validation), server.validation_prompts, paired, seed, client.id, server_round
+    )
+    validation = [data.validation[i] for i in rows]
     with deadline.watch(policy):
         torch.manual_seed(stable_seed(seed, client.id, server_round))
         load_adapter(policy, start)
+        if paired:  # the start adapter on the same prompts: the "before" of the update's gain
+            primary_func = [(n, f) for n, f in reward_funcs if n == primary]
+            before = evaluate_rows(policy, tokenizer, validation, primary_func, primary, max_new)
         weighting = build_weighting(
             weighting_config,
             [r.name for r in client.rewards],
@@ -223,9 +235,6 @@ def run_client_round(
             if isinstance(weighting, HypergradientWeighting):
                 weighting.remove_hooks()  # the model is shared with the next client
 
-        validation = data.validation[: server.validation_prompts]
-        primary = client.primary_reward
-        max_new = server.eval_max_new_tokens or client.grpo.max_new_tokens
         began = time.perf_counter()
         result = evaluate_rows(policy, tokenizer, validation, reward_funcs, primary, max_new)
         validation_seconds = time.perf_counter() - began
@@ -249,6 +258,7 @@ def run_client_round(
         accuracy=float(accuracy),
         metrics=metrics,
         validation_size=validation_size,
+        validation_pairs=paired_scores(rows, before, result, primary) if paired else (),
     )
     new_state = {"weighting": weighting.state_dict(), "sampler": trainer.sampler.state_dict()}
     if client.optimizer_state == "keep":
@@ -263,6 +273,40 @@ def run_client_round(
         history,
         transport_bytes(start, server.transport_dtype),
         transport_bytes(delta, server.transport_dtype),
+    )
+
+
+def validation_indices(
+    available: int, count: int, fresh: bool, seed: int, client_id: str, server_round: int
+) -> list[int]:
+    """The validation rows a client scores this round.
+
+    The first ``count`` rows every round, or with ``fresh`` (the gain rule) ``count`` rows
+    drawn afresh each round without replacement, so that rounds do not keep measuring the
+    same prompts; seeded per client and round, so every engine draws the same.
+    """
+    count = min(count, available)
+    if not fresh:
+        return list(range(count))
+    return sorted(
+        random.Random(stable_seed(seed, client_id, "validation", server_round)).sample(
+            range(available), count
+        )
+    )
+
+
+def paired_scores(
+    rows: Sequence[int], before: EvalResult, after: EvalResult, primary: str
+) -> tuple[tuple[int, float, float], ...]:
+    """(row, before, after) of the primary for every row it scored both times."""
+    if before.rewards is None or after.rewards is None:
+        return ()
+    first = before.rewards[:, list(before.reward_means).index(primary)].tolist()
+    second = after.rewards[:, list(after.reward_means).index(primary)].tolist()
+    return tuple(
+        (row, b, a)
+        for row, b, a in zip(rows, first, second, strict=True)
+        if not (math.isnan(b) or math.isnan(a))
     )
 
 
@@ -371,3 +415,9 @@ def client_reward_funcs(client: ClientConfig, where: int | str) -> list[tuple[st
     """``where``: the client's index in the experiment, or the client file it came from."""
     field = f"clients[{where}].rewards" if isinstance(where, int) else f"{where}: rewards"
     return build_reward_funcs(client.rewards, field=field)
+
+
+def client_check_funcs(client: ClientConfig, where: int | str) -> list[tuple[str, RewardFunc]]:
+    """The client's evaluation-only checks, loaded like its rewards; errors name ``checks``."""
+    field = f"clients[{where}].checks" if isinstance(where, int) else f"{where}: checks"
+    return build_reward_funcs(client.checks, field=field)

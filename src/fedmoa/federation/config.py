@@ -22,6 +22,7 @@ from fedmoa.aggregation.task_accuracy import AccuracyRule
 from fedmoa.config import (
     OPAQUE_TABLES,
     STRICT,
+    CheckConfig,
     Location,
     LoraConfig,
     ModelConfig,
@@ -101,11 +102,22 @@ class ClientConfig:
     optimizer_state: Literal["reset", "keep"] = "reset"
     # GRPO settings of the client's local steps
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    # evaluation-only scores of the test completions (e.g. an independent answer check)
+    checks: list[CheckConfig] = Field(default_factory=list)
 
     @field_validator("rewards")
     @classmethod
     def _rewards_valid(cls, rewards: list[RewardConfig]) -> list[RewardConfig]:
         return check_rewards(rewards)  # as a field check, so errors name ``clients[i].rewards``
+
+    @field_validator("checks")
+    @classmethod
+    def _checks_unique(cls, checks: list[CheckConfig]) -> list[CheckConfig]:
+        names = [c.name for c in checks]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"check names must be unique, repeated: {', '.join(repeated)}")
+        return checks
 
     @property
     def primary_reward(self) -> str:
@@ -158,7 +170,8 @@ class ServerConfig:
     # -- task- and accuracy-aware aggregation --
     t_acc: float = Field(0.1, gt=0)  # accuracy temperature T_acc; smaller favours the accurate
     # "noise-aware": a_k pooled over rounds, temperature grown by its standard error;
-    # "softmax": the paper's exp(a_k/T_acc) on this round's a_k (docs/design.md)
+    # "softmax": the paper's exp(a_k/T_acc) on this round's a_k; "gain": the update's paired
+    # gain (after − before on V prompts drawn afresh each round) (docs/design.md)
     accuracy_rule: AccuracyRule = "noise-aware"
     # κ: standard errors of a client's validation record added to the temperature
     accuracy_noise_scale: float = Field(5.0, ge=0, allow_inf_nan=False)

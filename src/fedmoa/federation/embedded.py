@@ -26,6 +26,7 @@ from fedmoa.errors import ConfigError, one_line
 from fedmoa.federation.centralized import CENTRAL_ID, pooled_client
 from fedmoa.federation.client import (
     ClientData,
+    client_check_funcs,
     client_reward_funcs,
     load_client_data,
     objective_metrics,
@@ -52,9 +53,11 @@ class EmbeddedFederation(ServerRuntime):
                 "none (server.num_clients is for a deployment's own client files)"
             )
         self.reward_funcs: dict[str, list[tuple[str, Any]]] = {}
+        self.check_funcs: dict[str, list[tuple[str, Any]]] = {}
         self.data: dict[str, ClientData] = {}
         for i, c in enumerate(cfg.clients):
             self.reward_funcs[c.id] = client_reward_funcs(c, i)
+            self.check_funcs[c.id] = client_check_funcs(c, i)
             self.data[c.id] = load_client_data(c, f"clients[{i}].data")
         self.clients = {c.id: c for c in cfg.clients}
         learners = None
@@ -158,6 +161,7 @@ class EmbeddedFederation(ServerRuntime):
                 self.reward_funcs[client.id],
                 self.eval_adapters(client.id, local_models),
                 self.cfg.server,
+                self.check_funcs[client.id],
             )
             for client in self.cfg.clients
         }

@@ -40,11 +40,13 @@ def evaluate_client(
     reward_funcs: Sequence[tuple[str, RewardFunc]],
     adapters: Mapping[str, Adapter],
     server: ServerConfig,
+    checks: Sequence[tuple[str, RewardFunc]] = (),
 ) -> dict[str, float]:
     """``client``'s scores under each adapter in ``adapters`` (kind → adapter), and its test size.
 
-    Keys: ``<kind>/<client id>/accuracy``, ``.../hypervolume``, ``.../rewards/<objective>`` and
-    ``test_size/<client id>``; greedy decoding on the first ``server.test_prompts`` test rows.
+    Keys: ``<kind>/<client id>/accuracy``, ``.../hypervolume``, ``.../rewards/<objective>``,
+    ``.../checks/<check>`` and ``test_size/<client id>``; greedy decoding on the first
+    ``server.test_prompts`` test rows.
     """
     rows = data.test[: server.test_prompts]
     max_new = server.eval_max_new_tokens or client.grpo.max_new_tokens
@@ -56,7 +58,9 @@ def evaluate_client(
             continue
         result = next((r for a, r in scored if same_adapter(a, adapter)), None)
         if result is None:
-            result = score_adapter(policy, tokenizer, client, adapter, rows, reward_funcs, max_new)
+            result = score_adapter(
+                policy, tokenizer, client, adapter, rows, reward_funcs, max_new, checks
+            )
             scored.append((adapter, result))
         out.update(result.metrics(f"{kind}/{client.id}"))
     return out
@@ -111,12 +115,19 @@ def score_adapter(
     rows: Sequence[dict[str, Any]],
     reward_funcs: Sequence[tuple[str, RewardFunc]],
     max_new_tokens: int,
+    checks: Sequence[tuple[str, RewardFunc]] = (),
 ) -> EvalResult:
     """Greedy pass@1 and reward means of ``adapter`` on ``rows`` with ``client``'s rewards (a
-    client's, or the server set's)."""
+    client's, or the server set's), and the means of its ``checks``."""
     load_adapter(policy, adapter)
     return evaluate_rows(
-        policy, tokenizer, list(rows), list(reward_funcs), client.primary_reward, max_new_tokens
+        policy,
+        tokenizer,
+        list(rows),
+        list(reward_funcs),
+        client.primary_reward,
+        max_new_tokens,
+        checks=checks,
     )
 
 
@@ -132,7 +143,8 @@ def aggregate_evaluation(
     Per-client keys as the clients sent them; ``global/<task>/accuracy``: the task's clients
     weighted by test size; ``global/accuracy``: the mean over tasks (a task with more clients
     does not count more); ``personal/...`` and ``local_model/...`` accuracy and hypervolume:
-    over clients, weighted by test size. A client that sent nothing is left out.
+    over clients, weighted by test size. Each check (``checks/<name>``) is combined as the
+    accuracy is, over the clients that have it. A client that sent nothing is left out.
     """
     out: dict[str, float] = {}
     sizes: dict[str, float] = {}
@@ -140,22 +152,27 @@ def aggregate_evaluation(
         if cid in scores:
             out.update(scores[cid])
             sizes[cid] = float(scores[cid].get(f"test_size/{cid}", 0.0))
-    per_task: dict[str, list[tuple[float, float]]] = {}
-    for cid, task in client_tasks.items():
-        if f"global/{cid}/accuracy" in out:
-            per_task.setdefault(task, []).append((out[f"global/{cid}/accuracy"], sizes[cid]))
-    for task, values in per_task.items():
-        out[f"global/{task}/accuracy"] = weighted_mean(values)
-    if per_task:
-        out["global/accuracy"] = weighted_mean(
-            [(out[f"global/{t}/accuracy"], 1.0) for t in per_task]
-        )
-    for prefix in ("personal", "local_model"):
-        ids = [cid for cid in client_tasks if f"{prefix}/{cid}/accuracy" in out]
-        for metric in ("accuracy", "hypervolume") if ids else ():
-            out[f"{prefix}/{metric}"] = weighted_mean(
-                [(out[f"{prefix}/{cid}/{metric}"], sizes[cid]) for cid in ids]
+    checks = sorted(
+        {k.rsplit("/checks/", 1)[1] for k in out if k.startswith("global/") and "/checks/" in k}
+    )
+    for metric in ["accuracy", *(f"checks/{name}" for name in checks)]:
+        per_task: dict[str, list[tuple[float, float]]] = {}
+        for cid, task in client_tasks.items():
+            if f"global/{cid}/{metric}" in out:
+                per_task.setdefault(task, []).append((out[f"global/{cid}/{metric}"], sizes[cid]))
+        for task, values in per_task.items():
+            out[f"global/{task}/{metric}"] = weighted_mean(values)
+        if per_task:
+            out[f"global/{metric}"] = weighted_mean(
+                [(out[f"global/{t}/{metric}"], 1.0) for t in per_task]
             )
+    for prefix in ("personal", "local_model"):
+        for metric in ["accuracy", "hypervolume", *(f"checks/{name}" for name in checks)]:
+            ids = [cid for cid in client_tasks if f"{prefix}/{cid}/{metric}" in out]
+            if ids:
+                out[f"{prefix}/{metric}"] = weighted_mean(
+                    [(out[f"{prefix}/{cid}/{metric}"], sizes[cid]) for cid in ids]
+                )
     return out
 
 

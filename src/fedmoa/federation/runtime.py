@@ -265,11 +265,24 @@ def client_record(
         "task": update.task,
         "accuracy": update.accuracy,
         "validation_size": update.validation_size,
+        **paired_summary(update),
         "bytes_down": bytes_down,
         "bytes_up": bytes_up,
         "seconds": seconds,
         **update.metrics,
         **objectives,
+    }
+
+
+def paired_summary(update: ClientUpdate) -> dict[str, Any]:
+    """Under the gain rule, the start adapter's accuracy and the update's mean paired gain."""
+    pairs = update.validation_pairs
+    if not pairs:
+        return {}
+    return {
+        "accuracy_before": sum(b for _, b, _ in pairs) / len(pairs),
+        "accuracy_gain": sum(a - b for _, b, a in pairs) / len(pairs),
+        "validation_pairs": len(pairs),
     }
 
 

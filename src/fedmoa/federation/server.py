@@ -19,8 +19,10 @@ from fedmoa.aggregation import (
     Adapter,
     AggregationResult,
     ClientUpdate,
+    GainEvidence,
     TaskAccuracySettings,
     accumulate_evidence,
+    accumulate_gain_evidence,
     fedavg_aggregate,
     make_server_optimizer,
     server_optimizer_aggregate,
@@ -53,8 +55,9 @@ class ServerState:
     global_adapter: Adapter
     task_adapters: dict[str, Adapter] = field(default_factory=dict)
     client_adapters: dict[str, Adapter] = field(default_factory=dict)  # the "local" baseline
-    # each client's validation record, for the noise-aware accuracy weights
+    # each client's validation record, for the noise-aware (or, paired, the gain) weights
     accuracy_evidence: dict[str, AccuracyEvidence] = field(default_factory=dict)
+    gain_evidence: dict[str, GainEvidence] = field(default_factory=dict)
 
 
 class FederatedServer:
@@ -155,9 +158,18 @@ class FederatedServer:
             )
         elif self.method in TASK_ACCURACY_METHODS:
             settings = task_accuracy_settings(server)
-            evidence = accumulate_evidence(self.state.accuracy_evidence, accepted, settings.memory)
-            result = task_accuracy_aggregate(current, accepted, settings, evidence=evidence)
-            self.state.accuracy_evidence = evidence
+            if settings.rule == "gain":
+                gains = accumulate_gain_evidence(
+                    self.state.gain_evidence, accepted, settings.memory
+                )
+                result = task_accuracy_aggregate(current, accepted, settings, evidence=gains)
+                self.state.gain_evidence = gains
+            else:
+                evidence = accumulate_evidence(
+                    self.state.accuracy_evidence, accepted, settings.memory
+                )
+                result = task_accuracy_aggregate(current, accepted, settings, evidence=evidence)
+                self.state.accuracy_evidence = evidence
         elif self.optimizer is not None:
             result = server_optimizer_aggregate(current, accepted, self.optimizer, server.server_lr)
         else:
@@ -179,6 +191,10 @@ class FederatedServer:
             "accuracy_evidence": {
                 cid: [e.successes, e.trials] for cid, e in self.state.accuracy_evidence.items()
             },
+            "gain_evidence": {
+                cid: [[row, *sums] for row, sums in e.rows.items()]
+                for cid, e in self.state.gain_evidence.items()
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,6 +206,10 @@ class FederatedServer:
             {  # absent from checkpoints written before the noise-aware rule
                 cid: AccuracyEvidence(*record)
                 for cid, record in state.get("accuracy_evidence", {}).items()
+            },
+            {  # absent from checkpoints written before the gain rule
+                cid: GainEvidence({int(row): (d, c, w) for row, d, c, w in rows})
+                for cid, rows in state.get("gain_evidence", {}).items()
             },
         )
         if self.optimizer is not None and state["optimizer"] is not None:

@@ -19,6 +19,9 @@ from scipy import stats
 from fedmoa.report.load import RunRecord
 
 BASELINE = "fedavg"
+# FedAvg on the primaries alone: what the heterogeneous auxiliaries cost FedAvg is measured
+# against it, and how much of that cost a method recovers.
+PRIMARY_REFERENCE = "fedavg-primary"
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,25 @@ PAIRED_METRICS: dict[str, Callable[[RunRecord], float]] = {
 }
 
 
+def check_names(runs: Iterable[RunRecord]) -> list[str]:
+    """The checks any run's final evaluation has a global figure for, sorted."""
+    prefix = "global/checks/"
+    return sorted({k[len(prefix) :] for r in runs for k in r.final_checks if k.startswith(prefix)})
+
+
+def paired_metrics(runs: Iterable[RunRecord]) -> dict[str, Callable[[RunRecord], float]]:
+    """:data:`PAIRED_METRICS` and the global figure of every check the runs have."""
+    return {
+        **PAIRED_METRICS,
+        **{
+            f"global ({name})": lambda r, key=f"global/checks/{name}": r.final_checks.get(
+                key, math.nan
+            )
+            for name in check_names(runs)
+        },
+    }
+
+
 def by_seed(runs: Iterable[RunRecord], metric: Callable[[RunRecord], float]) -> dict[int, float]:
     """A metric per seed; a repeated seed keeps its first run (the report warns about it)."""
     out: dict[int, float] = {}
@@ -132,6 +154,8 @@ class MethodSummary:
     gain_global: Stat  # final − base, run by run
     bytes_up_per_round: Stat
     bytes_down_per_round: Stat
+    # check name -> (base, final) of its global figure
+    global_checks: dict[str, tuple[Stat, Stat]] = field(default_factory=dict)
     delta_global: Delta | None = None  # None: no fedavg among the runs, or this is fedavg
     delta_personal: Delta | None = None
     # vs fedavg, seed by seed: PAIRED_METRICS name -> difference (empty without fedavg)
@@ -151,6 +175,7 @@ def group_by_method(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
 
 
 def summarize(runs: list[RunRecord]) -> list[MethodSummary]:
+    checks = check_names(runs)
     summaries = [
         MethodSummary(
             method=method,
@@ -163,9 +188,17 @@ def summarize(runs: list[RunRecord]) -> list[MethodSummary]:
             gain_global=Stat.of(r.final_global_accuracy - r.base_global_accuracy for r in group),
             bytes_up_per_round=Stat.of(_per_round(r.bytes_up) for r in group),
             bytes_down_per_round=Stat.of(_per_round(r.bytes_down) for r in group),
+            global_checks={
+                name: (
+                    Stat.of(r.base_checks.get(f"global/checks/{name}", math.nan) for r in group),
+                    Stat.of(r.final_checks.get(f"global/checks/{name}", math.nan) for r in group),
+                )
+                for name in checks
+            },
         )
         for method, group in group_by_method(runs).items()
     ]
+    metrics = paired_metrics(runs)
     base = next((s for s in summaries if s.method == BASELINE), None)
     for s in summaries:
         if base is not None and s is not base:
@@ -173,9 +206,57 @@ def summarize(runs: list[RunRecord]) -> list[MethodSummary]:
             s.delta_personal = delta(s.final_personal, base.final_personal)
             s.paired = {
                 name: paired_difference(by_seed(s.runs, metric), by_seed(base.runs, metric))
-                for name, metric in PAIRED_METRICS.items()
+                for name, metric in metrics.items()
             }
     return summaries
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How much of FedAvg's loss to the primaries-only reference a method wins back (global
+    accuracy, seed by seed)."""
+
+    method: str
+    gained: PairedDifference  # method − fedavg
+    gap: PairedDifference  # fedavg-primary − fedavg, over the same seeds
+    # (method − fedavg) − ½·(fedavg-primary − fedavg): above 0 = more than half recovered
+    over_half: PairedDifference
+
+    @property
+    def fraction(self) -> float:
+        """Share of the gap recovered, from the means (NaN without a gap)."""
+        if self.gap.n == 0 or self.gap.mean == 0:
+            return math.nan
+        return self.gained.mean / self.gap.mean
+
+
+def recoveries(summaries: list[MethodSummary]) -> list[Recovery]:
+    """One :class:`Recovery` per method other than fedavg and the reference, when both ran."""
+    by_method = {s.method: s for s in summaries}
+    if BASELINE not in by_method or PRIMARY_REFERENCE not in by_method:
+        return []
+    accuracy = PAIRED_METRICS["global"]
+    fedavg = by_seed(by_method[BASELINE].runs, accuracy)
+    reference = by_seed(by_method[PRIMARY_REFERENCE].runs, accuracy)
+    out = []
+    for s in summaries:
+        if s.method in (BASELINE, PRIMARY_REFERENCE):
+            continue
+        mine = by_seed(s.runs, accuracy)
+        seeds = mine.keys() & fedavg.keys() & reference.keys()
+        margin = {
+            seed: (mine[seed] - fedavg[seed]) - 0.5 * (reference[seed] - fedavg[seed])
+            for seed in seeds
+        }
+        out.append(
+            Recovery(
+                s.method,
+                paired_difference({k: mine[k] for k in seeds}, fedavg),
+                paired_difference({k: reference[k] for k in seeds}, fedavg),
+                paired_difference(margin, dict.fromkeys(seeds, 0.0)),
+            )
+        )
+    return out
 
 
 def per_round(

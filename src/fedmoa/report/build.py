@@ -10,10 +10,12 @@ from fedmoa.errors import FedMOAError
 from fedmoa.report import figures
 from fedmoa.report.aggregate import (
     BASELINE,
-    PAIRED_METRICS,
+    PRIMARY_REFERENCE,
     MethodSummary,
+    Recovery,
     Stat,
     client_breakdown,
+    recoveries,
     summarize,
     task_breakdown,
 )
@@ -43,6 +45,19 @@ PAIRED_NOTES = (
     "initial adapter), then the mean over seeds and its 95% paired t interval, "
     "mean ± t(0.975, n−1)·s/√n. An interval that excludes 0 is a difference the seeds "
     "support; 'one pair' has no interval."
+)
+RECOVERY_NOTES = (
+    f"Recovery: {PRIMARY_REFERENCE} is FedAvg with every auxiliary dropped, so "
+    f"{PRIMARY_REFERENCE} − fedavg is what the heterogeneous auxiliaries cost FedAvg (global "
+    "accuracy, paired by seed). Recovered: the method's paired gain over fedavg divided by "
+    f"that gap (from the means). Over half: (method − fedavg) − ½·({PRIMARY_REFERENCE} − "
+    "fedavg) seed by seed, with its 95% paired t interval; above 0 means the method recovers "
+    "more than half of the gap."
+)
+CHECK_NOTES = (
+    "Checks (in parentheses): the same greedy test completions scored by an evaluation-only "
+    "check of the clients' configs (``checks``), never trained on; a check written "
+    "independently of the verifier shows whether an accuracy is the verifier's artefact."
 )
 BASE_NOTES = (
     "Base: the starting (untrained) adapter, evaluated before round 1 with the same rows, "
@@ -94,9 +109,13 @@ def write_report(run_dirs: list[Path] | list[str], output: Path | str | None = N
     pngs = _figures(runs, summaries, out, sections)
     has_baseline = any(s.method == BASELINE for s in summaries)
     notes = [NOTES, BASE_NOTES, DELTA_NOTES if has_baseline else NO_BASELINE, BYTES_NOTES]
+    if any(s.global_checks for s in summaries):
+        notes.append(CHECK_NOTES)
     blocks = [comparison, *notes]
     if has_baseline and len(summaries) > 1:
         blocks += [paired_table(summaries), PAIRED_NOTES]
+    if recovered := recoveries(summaries):
+        blocks += [recovery_table(recovered), RECOVERY_NOTES]
     sections.append(Section("Comparison", blocks))
     sections.append(
         Section(
@@ -117,6 +136,9 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
     headers += ["final personalized acc", "final local-model acc", "final hypervolume"]
     if with_delta:
         headers += ["Δ global vs fedavg", "Δ personalized vs fedavg"]
+    checks = sorted({name for s in summaries for name in s.global_checks})
+    for name in checks:
+        headers += [f"base global acc ({name})", f"final global acc ({name})"]
     headers += ["KiB up/round", "KiB down/round"]
     rows = []
     for s in summaries:
@@ -133,6 +155,9 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
         if with_delta:
             for d in (s.delta_global, s.delta_personal):
                 row.append("reference" if s.method == BASELINE else d.fmt() if d else "-")
+        for name in checks:
+            base, final = s.global_checks.get(name, (Stat.of([]), Stat.of([])))
+            row += [base.fmt(), final.fmt()]
         row += [s.bytes_up_per_round.fmt(1, 1 / 1024), s.bytes_down_per_round.fmt(1, 1 / 1024)]
         rows.append(row)
     return TableBlock(headers, rows, right=set(range(2, len(headers))))
@@ -140,14 +165,32 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
 
 def paired_table(summaries: list[MethodSummary]) -> TableBlock:
     """One row per method but fedavg: seed-by-seed differences to fedavg with 95% intervals."""
-    headers = ["method", "pairs", *(f"Δ {name} vs fedavg [95% CI]" for name in PAIRED_METRICS)]
+    names = list(dict.fromkeys(name for s in summaries for name in s.paired))
+    headers = ["method", "pairs", *(f"Δ {name} vs fedavg [95% CI]" for name in names)]
     rows = [
         [s.method, str(max(d.n for d in s.paired.values()))]
-        + [s.paired[name].fmt() for name in PAIRED_METRICS]
+        + [s.paired[name].fmt() if name in s.paired else "-" for name in names]
         for s in summaries
         if s.paired
     ]
     return TableBlock(headers, rows, right=set(range(1, len(headers))))
+
+
+def recovery_table(recovered: list[Recovery]) -> TableBlock:
+    """One row per method: the share of the fedavg-primary − fedavg gap it wins back."""
+    headers = ["method", f"{PRIMARY_REFERENCE} − fedavg [95% CI]", "method − fedavg [95% CI]"]
+    headers += ["recovered", "over half [95% CI]"]
+    rows = [
+        [
+            r.method,
+            r.gap.fmt(),
+            r.gained.fmt(),
+            "-" if r.fraction != r.fraction else f"{r.fraction:.0%}",
+            r.over_half.fmt(),
+        ]
+        for r in recovered
+    ]
+    return TableBlock(headers, rows, right={1, 2, 3, 4})
 
 
 def task_table(summaries: list[MethodSummary]) -> TableBlock:

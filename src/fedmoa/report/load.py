@@ -55,6 +55,10 @@ class RunRecord:
     base_global_accuracy: float = math.nan
     base_personal_accuracy: float = math.nan
     base_hypervolume: float = math.nan
+    # evaluation-only checks, final and round 0: "global/checks/<name>" and
+    # "personal/checks/<name>" -> value (``[[clients]] checks``)
+    final_checks: dict[str, float] = field(default_factory=dict)
+    base_checks: dict[str, float] = field(default_factory=dict)
     finished: bool = False  # summary.json is present
 
     @property
@@ -121,12 +125,14 @@ def load_run(path: str | Path) -> RunRecord:
     run.final_hypervolume = _number(final, "personal/hypervolume", where)
     if math.isnan(run.final_hypervolume):  # runs from before it was logged
         run.final_hypervolume = _mean_hypervolume(final, list(run.clients))
+    run.final_checks = _checks(final, where)
     base = next((r for _, r in records if r.get("type") == "eval" and r.get("round") == 0), None)
     if base is not None:
         where = f"{metrics_path}: round 0"
         run.base_global_accuracy = _number(base, "global/accuracy", where)
         run.base_personal_accuracy = _number(base, "personal/accuracy", where)
         run.base_hypervolume = _number(base, "personal/hypervolume", where)
+        run.base_checks = _checks(base, where)
     run.finished = summary is not None
     return run
 
@@ -173,6 +179,15 @@ def _add_eval(run: RunRecord, record: dict[str, Any], server_round: int, where: 
         key = f"personal/{client}/accuracy"
         if key in record:
             run.client_accuracy.setdefault(client, {})[server_round] = _number(record, key, where)
+
+
+def _checks(record: dict[str, Any], where: str) -> dict[str, float]:
+    """The global and personalized aggregates of every check in an eval record."""
+    return {
+        key: _number(record, key, where)
+        for key in record
+        if key.startswith(("global/checks/", "personal/checks/"))
+    }
 
 
 def _mean_hypervolume(record: dict[str, Any], clients: list[str]) -> float:

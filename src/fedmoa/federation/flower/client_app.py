@@ -19,6 +19,7 @@ from fedmoa.federation.evaluation import EVAL_KINDS, evaluate_client
 from fedmoa.federation.flower.client_state import load_state, save_state, state_folder
 from fedmoa.federation.flower.node import (
     NodeClient,
+    client_checks,
     client_from_experiment,
     client_from_file,
     client_inputs,
@@ -31,9 +32,11 @@ from fedmoa.federation.flower.records import (
     DETAILS,
     IDENTITY,
     METRICS,
+    PAIRS,
     ROUND_CONFIG,
     SETTINGS,
     adapter_to_record,
+    pairs_to_record,
     record_to_adapter,
 )
 from fedmoa.federation.flower.settings import (
@@ -157,6 +160,8 @@ def train(message: Message, context: Context) -> Message:
             DETAILS: details,
         }
     )
+    if update.validation_pairs:
+        content[PAIRS] = pairs_to_record(update.validation_pairs)
     return Message(content, reply_to=message)
 
 
@@ -174,7 +179,14 @@ def evaluate(message: Message, context: Context) -> Message:
         if f"{ADAPTER}/{kind}" in message.content
     }
     metrics = evaluate_client(
-        model.policy, model.tokenizer, node.client, data, reward_funcs, adapters, node.cfg.server
+        model.policy,
+        model.tokenizer,
+        node.client,
+        data,
+        reward_funcs,
+        adapters,
+        node.cfg.server,
+        client_checks(node),
     )
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=message)
 

@@ -29,7 +29,12 @@ import torch
 from fedmoa.aggregation import Adapter
 from fedmoa.config import parse_config
 from fedmoa.errors import ConfigError, FedMOAError
-from fedmoa.federation.client import ClientData, client_reward_funcs, load_client_data
+from fedmoa.federation.client import (
+    ClientData,
+    client_check_funcs,
+    client_reward_funcs,
+    load_client_data,
+)
 from fedmoa.federation.config import (
     ClientConfig,
     ExperimentConfig,
@@ -76,6 +81,7 @@ class NodeClient:
 
 _POLICIES: dict[str, NodePolicy] = {}
 _INPUTS: dict[str, tuple[ClientData, list[tuple[str, RewardFunc]]]] = {}
+_CHECKS: dict[str, list[tuple[str, RewardFunc]]] = {}
 _SETTINGS: dict[str, ExperimentConfig] = {}
 _FILES: dict[tuple[str, str, str], Any] = {}
 
@@ -157,7 +163,14 @@ def client_inputs(node: NodeClient) -> tuple[ClientData, list[tuple[str, RewardF
         field = f"{node.where}.data" if node.in_experiment else f"{node.where}: data"
         data = load_client_data(node.client, field)
         _INPUTS[key] = (data, client_reward_funcs(node.client, node.source))
+        _CHECKS[key] = client_check_funcs(node.client, node.source)
     return _INPUTS[key]
+
+
+def client_checks(node: NodeClient) -> list[tuple[str, RewardFunc]]:
+    """The client's evaluation-only checks, loaded with its rewards."""
+    client_inputs(node)
+    return _CHECKS[json.dumps(dataclasses.asdict(node.client), default=str, sort_keys=True)]
 
 
 def identity(node: NodeClient) -> dict[str, Any]:

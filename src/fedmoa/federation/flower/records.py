@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedmoa.aggregation import Adapter, ClientUpdate
 from fedmoa.errors import FedMOAError
@@ -28,6 +28,7 @@ ADAPTER = "adapter"  # ArrayRecord: start adapter (down) or Δθ (up)
 ROUND_CONFIG = "config"  # ConfigRecord: server-round, client-id
 METRICS = "metrics"  # MetricRecord: METRIC_KEYS
 DETAILS = "details"  # ConfigRecord: client-id, task, seconds, per-objective metrics
+PAIRS = "validation-pairs"  # MetricRecord: rows, before, after (the gain rule only; up)
 IDENTITY = "identity"  # ConfigRecord: the node's client (reply to the discovery query)
 SETTINGS = "settings"  # ConfigRecord: the experiment without its clients, as JSON (down)
 
@@ -132,6 +133,20 @@ def record_to_adapter(
     return adapter
 
 
+def pairs_to_record(pairs: Sequence[tuple[int, float, float]]) -> MetricRecord:
+    """The gain rule's paired validation scores as three parallel lists."""
+    rows, before, after = (list(column) for column in zip(*pairs, strict=True))
+    return MetricRecord({"rows": rows, "before": before, "after": after})
+
+
+def record_to_pairs(record: MetricRecord) -> tuple[tuple[Any, Any, Any], ...]:
+    """The inverse of :func:`pairs_to_record`; the values are for ``sanitize`` to check."""
+    columns = [record.get(key) for key in ("rows", "before", "after")]
+    if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+        raise FedMOAError("the reply's validation pairs are not three lists of one length")
+    return tuple(zip(*columns, strict=True))
+
+
 def reply_to_update(
     server_round: int,
     client_id: str,
@@ -153,6 +168,7 @@ def reply_to_update(
         delta=record_to_adapter(content[ADAPTER], like=reference, transport_dtype=transport_dtype),
         accuracy=metrics.pop("accuracy", None),  # type: ignore[arg-type]
         validation_size=metrics.pop("validation_size", None),  # type: ignore[arg-type]
+        validation_pairs=record_to_pairs(content[PAIRS]) if PAIRS in content else (),
         metrics={k: v for k, v in metrics.items() if k not in ("bytes_down", "bytes_up")},
     )
     record = client_record(
