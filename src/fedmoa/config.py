@@ -165,14 +165,18 @@ class CheckConfig:
     timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
 
+def check_unique(values: list[str], what: str) -> None:
+    """A one-line ``ValueError`` naming the repeated values, if any."""
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{what} must be unique, repeated: {', '.join(repeated)}")
+
+
 def check_rewards(rewards: list[RewardConfig]) -> list[RewardConfig]:
     """Exactly one primary objective, unique names, some positive weight."""
     if not rewards:
         raise ValueError("at least one reward is required")
-    names = [r.name for r in rewards]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"reward names must be unique, repeated: {', '.join(duplicates)}")
+    check_unique([r.name for r in rewards], "reward names")
     primaries = [r.name for r in rewards if r.role == "primary"]
     if len(primaries) != 1:
         found = ", ".join(primaries) if primaries else "none"

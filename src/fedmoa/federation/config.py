@@ -30,6 +30,7 @@ from fedmoa.config import (
     anchor_paths,
     check_advantage,
     check_rewards,
+    check_unique,
     check_weight_floor,
     config_dir,
     field_path,
@@ -113,10 +114,7 @@ class ClientConfig:
     @field_validator("checks")
     @classmethod
     def _checks_unique(cls, checks: list[CheckConfig]) -> list[CheckConfig]:
-        names = [c.name for c in checks]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"check names must be unique, repeated: {', '.join(repeated)}")
+        check_unique([c.name for c in checks], "check names")
         return checks
 
     @property
@@ -234,10 +232,7 @@ class ExperimentConfig:
     @field_validator("clients")
     @classmethod
     def _clients_valid(cls, clients: list[ClientConfig]) -> list[ClientConfig]:
-        ids = [c.id for c in clients]
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        if repeated:
-            raise ValueError(f"client ids must be unique, repeated: {', '.join(repeated)}")
+        check_unique([c.id for c in clients], "client ids")
         return clients
 
     @model_validator(mode="after")
