@@ -126,7 +126,7 @@ def files(run: Path) -> set[str]:
 def test_flower_simulation_matches_embedded_engine(tmp_path, decode, rule):
     """2 rounds, 3 clients with different objectives: bit-identical adapters and records,
     under either decode (``[model] decode``) and with the paired gain rule, whose
-    validation pairs travel in a record of their own.
+    validation pairs travel in a record of their own (that run also has checks).
 
     Both engines call ``run_client_round`` with the same seed, start adapter and
     client state, and the server sums the updates in client-id order, whatever
@@ -138,6 +138,15 @@ def test_flower_simulation_matches_embedded_engine(tmp_path, decode, rule):
         .replace('device = "cpu"', f'device = "cpu"\ndecode = "{decode}"', 1)
         .replace("[server]", f'[server]\naccuracy_rule = "{rule}"', 1)
     )
+    if rule == "gain":  # and evaluation-only checks, scored where the data is
+        config.write_text(
+            config.read_text().replace(
+                "[client_defaults]",
+                '[client_defaults]\nchecks = [{ name = "short", function = "length", '
+                "params = { target = 3 } }]",
+                1,
+            )
+        )
     embedded_run = tmp_path / "embedded"
     with torch_threads(1):
         federation, initial = run_embedded(config, embedded_run)
@@ -180,8 +189,10 @@ def test_flower_simulation_matches_embedded_engine(tmp_path, decode, rule):
     # Heterogeneous rewards in one simulation: each client logged its own objectives.
     clients = {(r["client"], r["round"]): r for r in flower_records if r["type"] == "client"}
     assert len(clients) == 6 and not any("failed" in r for r in clients.values())
-    # The gain rule's pairs crossed the wire (the records above match the embedded ones).
+    # The gain rule's pairs crossed the wire (the records above match the embedded ones),
+    # and the checks were scored on every node.
     assert all(("validation_pairs" in r) == (rule == "gain") for r in clients.values())
+    assert ("global/checks/short" in evals[-1]) == (rule == "gain")
     objectives = {
         cid: sorted(k.removeprefix("weights/") for k in r if k.startswith("weights/"))
         for (cid, _), r in clients.items()
