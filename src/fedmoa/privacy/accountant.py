@@ -1,0 +1,69 @@
+"""ε at δ for the rounds so far, from opacus's accountants (not a hand-written one).
+
+Each round is a subsampled Gaussian mechanism: a client takes part with probability
+``q = clients per round / clients`` and each aggregate that holds its update gets noise with
+multiplier ``z``; a client's update enters ``releases`` aggregates a round (the global one and
+its task's), and the accountant composes them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+class PrivacyAccountant:
+    """The composition of every release so far; its history is what a checkpoint keeps."""
+
+    def __init__(self, kind: str, noise_multiplier: float, sample_rate: float, releases: int):
+        self.kind = kind
+        self.noise_multiplier = noise_multiplier
+        self.sample_rate = sample_rate
+        self.releases = releases
+        self._accountant = ACCOUNTANTS[kind]()
+
+    def step(self) -> None:
+        """One round."""
+        for _ in range(self.releases):
+            self._accountant.step(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+            )
+
+    def epsilon(self, delta: float) -> float:
+        if not self._accountant.history:
+            return 0.0
+        return float(self._accountant.get_epsilon(delta))
+
+    def epsilon_after(self, rounds: int, delta: float) -> float:
+        """ε if ``rounds`` more rounds ran; the accountant itself is left as it is."""
+        trial = ACCOUNTANTS[self.kind]()
+        trial.history = list(self._accountant.history)
+        for _ in range(rounds * self.releases):
+            trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return float(trial.get_epsilon(delta)) if trial.history else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self._accountant.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._accountant.history = [tuple(h) for h in state["history"]]
+
+
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, rounds: int, releases: int, kind: str
+) -> float:
+    """The noise multiplier at which ``rounds`` rounds spend ``target_epsilon`` (opacus's
+    search over its accountant)."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=rounds * releases,
+            accountant=kind,
+        )
+    )

@@ -1,0 +1,107 @@
+"""Client-level DP: clipping, the Gaussian mechanism's calibration, opacus's accountant.
+
+The sensitivities are computed by hand from docs/design.md, "Differential privacy"; the
+accountant's ε is checked against opacus's own functions, called directly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+from fedmoa.aggregation import ClientUpdate, TaskAccuracySettings, task_accuracy_aggregate
+from fedmoa.privacy import (
+    PrivacyAccountant,
+    add_gaussian_noise,
+    clip_update,
+    noise_for_target,
+    sensitivity,
+    update_norm,
+)
+
+SHAPES = {"a.lora_A": (4, 8), "a.lora_B": (8, 4)}
+
+
+def random_update(scale: float, seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(s, generator=g) * scale).to(dtype) for k, s in SHAPES.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clipping_bounds_every_norm_and_keeps_small_updates_as_they_are(dtype):
+    for seed in range(20):
+        delta = random_update(10 ** random.Random(seed).uniform(-3, 2), seed, dtype)
+        clipped, before = clip_update(delta, 1.0)
+        assert update_norm(clipped) <= 1.0
+        assert before == pytest.approx(update_norm(delta))
+        if before <= 1.0:
+            assert clipped is delta
+        else:  # the direction is kept, up to the dtype's rounding (and its margin)
+            rtol = 1e-5 if dtype == torch.float32 else 5 * torch.finfo(dtype).eps
+            for k in delta:
+                ratio = clipped[k].double() / delta[k].double()
+                assert torch.allclose(ratio, torch.full_like(ratio, 1 / before), rtol=rtol)
+
+
+def test_the_noise_std_is_the_multiplier_times_the_derived_sensitivity():
+    assert sensitivity(0.25, 2.0) == 1.0  # 2 · w_max · C
+    zero = {"w": torch.zeros(200_000)}
+    noisy = add_gaussian_noise(zero, 0.3, torch.Generator().manual_seed(0))
+    assert noisy["w"].std().item() == pytest.approx(0.3, rel=0.01)
+    again = add_gaussian_noise(zero, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy["w"], again["w"])  # a seeded server draws the same noise
+
+
+def test_a_capped_accuracy_share_bounds_what_one_client_moves():
+    """Replacing one client's update and report moves each task's aggregate by at most
+    ``2·w_max·C`` with ``w_max = max(cap, 1/K)`` (softmax rule, so the others rescale in
+    proportion), over random reports and updates; the bound is reached within a factor 2."""
+    clip, cap, k = 1.0, 0.4, 4
+    settings = TaskAccuracySettings(rule="softmax", max_client_share=cap)
+    zero = {n: torch.zeros(s) for n, s in SHAPES.items()}
+    rng = random.Random(0)
+    worst = 0.0
+    for trial in range(300):
+        updates = []
+        for i in range(k):
+            delta, _ = clip_update(random_update(3.0, trial * 10 + i), clip)
+            updates.append(ClientUpdate(f"c{i}", "t", 8, delta, rng.random(), {}, 8))
+        swapped = list(updates)
+        other, _ = clip_update(random_update(3.0, 10_000 + trial), clip)
+        swapped[0] = ClientUpdate("c0", "t", 8, other, rng.random(), {}, 8)
+        a = task_accuracy_aggregate(zero, updates, settings).task_adapters["t"]
+        b = task_accuracy_aggregate(zero, swapped, settings).task_adapters["t"]
+        moved = update_norm({n: a[n] - b[n] for n in a})
+        worst = max(worst, moved)
+        assert moved <= sensitivity(max(cap, 1 / k), clip) + 1e-6
+    assert worst > sensitivity(max(cap, 1 / k), clip) / 2
+
+
+def test_epsilon_is_opacus_rdp_for_the_composed_releases():
+    accountant = PrivacyAccountant("rdp", noise_multiplier=1.1, sample_rate=0.5, releases=2)
+    for _ in range(3):
+        accountant.step()
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = opacus_rdp.compute_rdp(q=0.5, noise_multiplier=1.1, steps=6, orders=orders)
+    expected, _ = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    assert accountant.epsilon(1e-5) == pytest.approx(expected)
+    assert accountant.epsilon_after(1, 1e-5) > accountant.epsilon(1e-5)
+    restored = PrivacyAccountant("rdp", 1.1, 0.5, 2)
+    restored.load_state_dict(accountant.state_dict())
+    assert restored.epsilon(1e-5) == accountant.epsilon(1e-5)
+    assert PrivacyAccountant("rdp", 1.1, 0.5, 2).epsilon(1e-5) == 0.0
+
+
+def test_target_epsilon_finds_a_multiplier_that_spends_it():
+    z = noise_for_target(8.0, 1e-5, sample_rate=1.0, rounds=5, releases=2, kind="rdp")
+    accountant = PrivacyAccountant("rdp", z, 1.0, 2)
+    for _ in range(5):
+        accountant.step()
+    assert accountant.epsilon(1e-5) <= 8.0
+    assert accountant.epsilon(1e-5) == pytest.approx(8.0, rel=0.05)
+    assert math.isfinite(z) and z > 0
