@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import annotated_types
 
-from fedmoa.config import LoraConfig, ModelConfig, RewardConfig, TrainLocalConfig
+from fedmoa.config import CheckConfig, LoraConfig, ModelConfig, RewardConfig, TrainLocalConfig
 from fedmoa.data import DataConfig
 from fedmoa.data.partition import PartitionConfig
 from fedmoa.eval.harness import EvalConfig, EvalSplitConfig
@@ -38,6 +38,7 @@ from fedmoa.federation.config import (
     SplitConfig,
 )
 from fedmoa.grpo.trainer import GRPOSettings
+from fedmoa.privacy import PrivacyConfig
 from fedmoa.weighting.config import WeightingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,8 @@ FILES: list[tuple[str, type, list[tuple[str, type]]]] = [
             ("clients.data.partition", PartitionConfig),
             ("clients.split", SplitConfig),
             ("clients.rewards (each entry)", RewardConfig),
+            ("clients.checks (each entry)", CheckConfig),
+            ("[privacy]", PrivacyConfig),
         ],
     ),
     (

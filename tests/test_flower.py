@@ -121,23 +121,29 @@ def files(run: Path) -> set[str]:
         ("eager", "noise-aware"),
         pytest.param("compiled", "noise-aware", marks=needs_cxx),
         ("eager", "gain"),
+        ("eager", "softmax+privacy"),
     ],
 )
 def test_flower_simulation_matches_embedded_engine(tmp_path, decode, rule):
     """2 rounds, 3 clients with different objectives: bit-identical adapters and records,
     under either decode (``[model] decode``) and with the paired gain rule, whose
-    validation pairs travel in a record of their own (that run also has checks).
+    validation pairs travel in a record of their own (that run also has checks), and with
+    central DP, whose noise the server draws from its seeded generator.
 
     Both engines call ``run_client_round`` with the same seed, start adapter and
     client state, and the server sums the updates in client-id order, whatever
     order the Flower replies arrive in, so the results match bit for bit.
     """
     config = write_experiment(tmp_path, "fedmoa", rounds=2)
+    rule, _, privacy = rule.partition("+")
     config.write_text(
         config.read_text()
         .replace('device = "cpu"', f'device = "cpu"\ndecode = "{decode}"', 1)
         .replace("[server]", f'[server]\naccuracy_rule = "{rule}"', 1)
     )
+    if privacy:  # central DP: clipped on the nodes, noised from the server's seeded generator
+        text = config.read_text().replace("[server]", "[server]\nmax_client_share = 0.5", 1)
+        config.write_text(text + "\n[privacy]\nclip = 0.5\nnoise_multiplier = 0.8\n")
     if rule == "gain":  # and evaluation-only checks, scored where the data is
         config.write_text(
             config.read_text().replace(
@@ -193,6 +199,8 @@ def test_flower_simulation_matches_embedded_engine(tmp_path, decode, rule):
     # and the checks were scored on every node.
     assert all(("validation_pairs" in r) == (rule == "gain") for r in clients.values())
     assert ("global/checks/short" in evals[-1]) == (rule == "gain")
+    rounds = [r for r in flower_records if r["type"] == "round"]
+    assert all(("privacy/epsilon" in r) == bool(privacy) for r in rounds)
     objectives = {
         cid: sorted(k.removeprefix("weights/") for k in r if k.startswith("weights/"))
         for (cid, _), r in clients.items()

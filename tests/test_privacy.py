@@ -6,6 +6,7 @@ accountant's ε is checked against opacus's own functions, called directly.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -105,3 +106,101 @@ def test_target_epsilon_finds_a_multiplier_that_spends_it():
     assert accountant.epsilon(1e-5) <= 8.0
     assert accountant.epsilon(1e-5) == pytest.approx(8.0, rel=0.05)
     assert math.isfinite(z) and z > 0
+
+
+PRIVACY = "\n[privacy]\nclip = 0.5\nnoise_multiplier = 0.8\ndelta = 1e-5\n"
+
+
+def private_experiment(tmp_path, method: str = "fedavg", table: str = PRIVACY, rounds: int = 2):
+    from test_embedded import write_experiment
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = write_experiment(tmp_path, method, rounds=rounds)
+    config.write_text(config.read_text() + table)
+    return config
+
+
+def test_a_private_run_clips_noises_and_accounts_every_round(tmp_path):
+    from test_embedded import run_embedded
+
+    federation, _ = run_embedded(private_experiment(tmp_path), tmp_path / "run")
+    records = federation.run.read_metrics()
+    clients = [r for r in records if r["type"] == "client"]
+    assert clients and all("privacy/update_norm" in r for r in clients)
+    rounds = [r for r in records if r["type"] == "round"]
+    epsilons = [r["privacy/epsilon"] for r in rounds]
+    accountant = PrivacyAccountant("rdp", 0.8, 1.0, 2)
+    expected = []
+    for _ in rounds:
+        accountant.step()
+        expected.append(accountant.epsilon(1e-5))
+    assert epsilons == pytest.approx(expected) and epsilons[0] < epsilons[1]
+    # 3 clients of 2 steps × 2 rows each: FedAvg's largest weight is 1/3 globally, 1/2 in "math"
+    assert rounds[0]["privacy/noise_std/global"] == pytest.approx(0.8 * 2 * 0.5 / 3)
+    assert rounds[0]["privacy/noise_std/math"] == pytest.approx(0.8 * 2 * 0.5 / 2)
+    assert rounds[0]["privacy/noise_std/chain"] == pytest.approx(0.8 * 2 * 0.5)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["privacy"] == {"epsilon": epsilons[-1], "delta": 1e-5}
+
+    again, _ = run_embedded(private_experiment(tmp_path / "again"), tmp_path / "again-run")
+    plain, _ = run_embedded(private_experiment(tmp_path / "plain", table=""), tmp_path / "p-run")
+    for key, tensor in federation.server.state.global_adapter.items():
+        assert torch.equal(again.server.state.global_adapter[key], tensor)  # seeded noise
+    assert any(
+        not torch.equal(plain.server.state.global_adapter[k], v)
+        for k, v in federation.server.state.global_adapter.items()
+    )
+
+
+def test_local_privacy_noises_each_update_on_its_client(tmp_path):
+    from test_embedded import run_embedded
+
+    table = PRIVACY + 'where = "client"\n'
+    federation, _ = run_embedded(
+        private_experiment(tmp_path, table=table, rounds=1), tmp_path / "r"
+    )
+    rounds = [r for r in federation.run.read_metrics() if r["type"] == "round"]
+    assert "privacy/epsilon" not in rounds[0]  # the server adds nothing and spends nothing
+    assert federation.server.accountant is None
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ("\n[privacy]\nclip = 0\nnoise_multiplier = 1.0\n", "privacy.clip"),
+        ("\n[privacy]\nclip = 1\nnoise_multiplier = 1.0\ndelta = 1.5\n", "privacy.delta"),
+        ("\n[privacy]\nclip = 1\n", "exactly one of noise_multiplier and target_epsilon"),
+        (
+            "\n[privacy]\nclip = 1\nnoise_multiplier = 1.0\ntarget_epsilon = 8\n",
+            "exactly one of noise_multiplier and target_epsilon",
+        ),
+    ],
+)
+def test_bad_privacy_settings_are_one_line_naming_the_field(tmp_path, table, expected):
+    from typer.testing import CliRunner
+
+    from fedmoa.cli import app
+
+    config = private_experiment(tmp_path, table=table)
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+
+
+@pytest.mark.parametrize(
+    ("method", "rule", "expected"),
+    [
+        ("fedadam", "softmax", "server.method = 'fedadam' is not supported"),
+        ("local", "softmax", "server.method = 'local' is not supported"),
+        ("fedmoa", "gain", "needs server.accuracy_rule = 'softmax'"),
+    ],
+)
+def test_methods_without_the_derived_sensitivity_are_refused(tmp_path, method, rule, expected):
+    from fedmoa.errors import ConfigError
+    from fedmoa.federation.config import load_experiment
+
+    config = private_experiment(tmp_path, method)
+    config.write_text(config.read_text().replace("[server]", f'[server]\naccuracy_rule = "{rule}"'))
+    with pytest.raises(ConfigError, match="privacy") as info:
+        load_experiment(config)
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -69,6 +69,7 @@ class AggregationResult:
     client_weights: dict[str, float]  # effective weight of each accepted client in global_delta
     task_shares: dict[str, float]  # π_τ: each task's share of global_delta
     rejected: list[Rejection]
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. privacy: ε, noise stds
 
 
 def check_positive(name: str, value: object, allow_inf: bool = False) -> None:

@@ -31,6 +31,13 @@ from fedmoa.federation.config import (
     ServerConfig,
 )
 from fedmoa.grpo.trainer import STEP_PHASES, LocalTrainer
+from fedmoa.privacy import (
+    PrivacyConfig,
+    add_gaussian_noise,
+    clip_update,
+    resolve_noise_multiplier,
+    sensitivity,
+)
 from fedmoa.rewards import RewardFunc
 from fedmoa.rewards.base import CheckedRewardError, checked_call
 from fedmoa.train_local import build_reward_funcs
@@ -173,6 +180,7 @@ def run_client_round(
     seed: int,
     server_round: int,
     started: float | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> ClientRoundResult:
     """One round of local GRPO for ``client`` starting from ``start``; pure in its inputs.
 
@@ -249,6 +257,18 @@ def run_client_round(
     # (``FederatedServer.configure_round``).
     delta = through_transport({k: after[k] - start[k] for k in start}, server.transport_dtype)
     metrics = uniform_metrics(history, weighting, primary)
+    if privacy is not None:
+        delta, norm = clip_update(delta, privacy.clip)
+        metrics["privacy/update_norm"] = norm
+        metrics["privacy/clipped"] = float(norm > privacy.clip)
+        if privacy.where == "client":  # local DP: noised before it leaves
+            delta = add_gaussian_noise(
+                delta,
+                local_noise_std(privacy, server.rounds),
+                torch.Generator().manual_seed(
+                    stable_seed(seed, client.id, "privacy", server_round)
+                ),
+            )
     metrics["timing/validation"] = validation_seconds
     update = ClientUpdate(
         client_id=client.id,
@@ -274,6 +294,22 @@ def run_client_round(
         transport_bytes(start, server.transport_dtype),
         transport_bytes(delta, server.transport_dtype),
     )
+
+
+def local_noise_std(privacy: PrivacyConfig, rounds: int) -> float:
+    """Local DP: ``z·2C``, the std that covers replacing one clipped update by any other; ``z``
+    spends ``target_epsilon`` over ``rounds`` releases of the client's own update (no
+    amplification by sampling: the client knows it was sampled)."""
+    z = resolve_noise_multiplier(
+        privacy.noise_multiplier,
+        privacy.target_epsilon,
+        privacy.delta,
+        sample_rate=1.0,
+        rounds=rounds,
+        releases=1,
+        kind=privacy.accountant,
+    )
+    return z * sensitivity(1.0, privacy.clip)
 
 
 def validation_indices(

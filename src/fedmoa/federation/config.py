@@ -43,6 +43,7 @@ from fedmoa.config import (
 from fedmoa.data import DataConfig, SplitConfig
 from fedmoa.errors import ConfigError
 from fedmoa.grpo.trainer import GRPOSettings
+from fedmoa.privacy import PrivacyConfig
 from fedmoa.weighting.config import WeightingConfig, resolve_method, unread_keys
 
 Method = Literal[
@@ -120,6 +121,24 @@ class ClientConfig:
     @property
     def primary_reward(self) -> str:
         return next(r.name for r in self.rewards if r.role == "primary")
+
+
+def check_privacy_fits(privacy: PrivacyConfig | None, server: ServerConfig) -> None:
+    """The methods whose aggregates have the sensitivity docs/design.md derives; one line else."""
+    if privacy is None:
+        return
+    method = server.method
+    if method in ("local", "centralized") or method in SERVER_OPTIMIZER_METHODS:
+        raise ValueError(
+            f"privacy: server.method = {method!r} is not supported (it releases no weighted "
+            "mean of clipped updates to noise)"
+        )
+    if method in TASK_ACCURACY_METHODS and server.accuracy_rule != "softmax":
+        raise ValueError(
+            f"privacy: server.method = {method!r} needs server.accuracy_rule = 'softmax': the "
+            f"{server.accuracy_rule!r} rule pools every client's reports into the temperature, "
+            "so one client moves the others' weights (docs/design.md, 'Differential privacy')"
+        )
 
 
 def _default_eval_rewards() -> list[RewardConfig]:
@@ -228,6 +247,9 @@ class ExperimentConfig:
     # [client_defaults] as given (its paths relative to this file): merged under each listed
     # client here, and under each node's own client file in a deployment (the server sends it)
     client_defaults: dict[str, Any] = Field(default_factory=dict)
+    # [privacy]: client-level differential privacy of the aggregates (docs/design.md,
+    # "Differential privacy"); none: off
+    privacy: PrivacyConfig | None = None
 
     @field_validator("clients")
     @classmethod
@@ -262,6 +284,7 @@ class ExperimentConfig:
             raise ValueError(f"server.eval_data.task = {eval_task!r} is no task of the clients")
         if self.server.min_clients > (per_round or count):
             raise ValueError("server.min_clients exceeds the clients sampled per round")
+        check_privacy_fits(self.privacy, self.server)
         weighting, method = self.weighting.method, self.server.method
         if method in HYPERGRADIENT_METHODS and weighting not in ("auto", "hypergradient"):
             raise ValueError(

@@ -100,6 +100,7 @@ class EmbeddedFederation(ServerRuntime):
                     method=cfg.server.method,
                     server=cfg.server,
                     weighting_config=cfg.weighting,
+                    privacy=cfg.privacy,
                     seed=cfg.seed,
                     server_round=server_round,
                 )

@@ -131,6 +131,7 @@ class ServerRuntime:
                 "rejected": [dataclasses.asdict(r) for r in aggregated.rejected],
                 "client_weights": aggregated.client_weights,
                 "task_shares": aggregated.task_shares,
+                **aggregated.metrics,
                 "bytes_down": sum(r.get("bytes_down", 0) for r in records),
                 "bytes_up": sum(r.get("bytes_up", 0) for r in records),
             }
@@ -244,6 +245,12 @@ class ServerRuntime:
             "bytes_down": sum(r["bytes_down"] for r in rounds),
             "bytes_up": sum(r["bytes_up"] for r in rounds),
         }
+        if self.cfg.privacy is not None and rounds and "privacy/epsilon" in rounds[-1]:
+            # ε at δ after the last round (central DP)
+            summary["privacy"] = {
+                "epsilon": rounds[-1]["privacy/epsilon"],
+                "delta": self.cfg.privacy.delta,
+            }
         write_json_atomic(self.run.path / "summary.json", summary)
         return summary
 

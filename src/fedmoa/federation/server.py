@@ -8,11 +8,14 @@ and task adapters (``aggregate_round``) with the pure functions of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from fedmoa.aggregation import (
     AccuracyEvidence,
@@ -28,17 +31,26 @@ from fedmoa.aggregation import (
     server_optimizer_aggregate,
     task_accuracy_aggregate,
 )
-from fedmoa.aggregation.updates import apply_delta, sanitize
+from fedmoa.aggregation.updates import apply_delta, group_by_task, sanitize
 from fedmoa.errors import FedMOAError
-from fedmoa.federation.client import REQUIRED_METRICS, through_transport
+from fedmoa.federation.client import REQUIRED_METRICS, stable_seed, through_transport
 from fedmoa.federation.config import (
     SERVER_OPTIMIZER_METHODS,
     TASK_ACCURACY_METHODS,
     ExperimentConfig,
     ServerConfig,
 )
+from fedmoa.privacy import (
+    PrivacyAccountant,
+    add_gaussian_noise,
+    clip_update,
+    resolve_noise_multiplier,
+    sensitivity,
+)
 
 logger = logging.getLogger(__name__)
+# Aggregates a client's update enters each round under central DP: the global one and its task's.
+RELEASES_PER_ROUND = 2
 
 
 @dataclass
@@ -79,6 +91,7 @@ class FederatedServer:
             if self.method in SERVER_OPTIMIZER_METHODS
             else None
         )
+        self.accountant = central_accountant(cfg, len(self.client_tasks))
 
     # -- configure -----------------------------------------------------------------
     def sample_clients(self, server_round: int) -> list[str]:
@@ -132,6 +145,11 @@ class FederatedServer:
             REQUIRED_METRICS,
             rate_accuracy=self.method in TASK_ACCURACY_METHODS,
         )
+        if self.accountant is not None:  # central DP: a client's clip is not taken on trust
+            clip = self.accountant_clip
+            accepted = [
+                dataclasses.replace(u, delta=clip_update(u.delta, clip)[0]) for u in accepted
+            ]
         needed = min(server.min_clients, len(plan.starts))
         if len(accepted) < needed:
             dropped = len(plan.starts) - len(updates)
@@ -174,11 +192,58 @@ class FederatedServer:
             result = server_optimizer_aggregate(current, accepted, self.optimizer, server.server_lr)
         else:
             result = fedavg_aggregate(current, accepted, server.server_lr)
+        if self.accountant is not None:
+            result = self.add_privacy_noise(current, result, accepted, plan.server_round)
         result.rejected = rejected + result.rejected
         self.state.global_adapter = result.global_adapter
         self.state.task_adapters.update(result.task_adapters)
         self.state.completed_rounds = plan.server_round
         return result
+
+    # -- privacy -------------------------------------------------------------------------
+    @property
+    def accountant_clip(self) -> float:
+        assert self.cfg.privacy is not None
+        return self.cfg.privacy.clip
+
+    def add_privacy_noise(
+        self,
+        current: Adapter,
+        result: AggregationResult,
+        accepted: Sequence[ClientUpdate],
+        server_round: int,
+    ) -> AggregationResult:
+        """Central DP: Gaussian noise on the global update and on every task adapter, each
+        with std ``z·2·w_max·C`` for the largest weight one client can carry in it (docs/design.md,
+        "Differential privacy"), drawn from the server's seeded generator; then one accountant
+        step."""
+        privacy, accountant = self.cfg.privacy, self.accountant
+        assert privacy is not None and accountant is not None
+        global_weight, task_weights = max_client_weights(
+            accepted, result.task_shares, self.method, self.cfg.server.max_client_share
+        )
+        z, lr = accountant.noise_multiplier, self.cfg.server.server_lr
+        generator = torch.Generator().manual_seed(
+            stable_seed(self.cfg.seed, "privacy", server_round)
+        )
+        stds = {"global": z * sensitivity(global_weight, privacy.clip)}
+        global_delta = add_gaussian_noise(result.global_delta, stds["global"], generator)
+        task_adapters = {}
+        for task in sorted(result.task_adapters):
+            stds[task] = z * sensitivity(task_weights[task], privacy.clip)
+            task_adapters[task] = add_gaussian_noise(
+                result.task_adapters[task], lr * stds[task], generator
+            )
+        accountant.step()
+        metrics = {f"privacy/noise_std/{name}": std for name, std in stds.items()}
+        metrics["privacy/epsilon"] = accountant.epsilon(privacy.delta)
+        return dataclasses.replace(
+            result,
+            global_adapter=apply_delta(current, global_delta, lr),
+            global_delta=global_delta,
+            task_adapters=task_adapters,
+            metrics={**result.metrics, **metrics},
+        )
 
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -191,6 +256,7 @@ class FederatedServer:
             "accuracy_evidence": {
                 cid: [e.successes, e.trials] for cid, e in self.state.accuracy_evidence.items()
             },
+            "privacy": self.accountant.state_dict() if self.accountant else None,
             "gain_evidence": {
                 cid: [[row, *sums] for row, sums in e.rows.items()]
                 for cid, e in self.state.gain_evidence.items()
@@ -214,6 +280,55 @@ class FederatedServer:
         )
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.accountant is not None and state.get("privacy"):
+            self.accountant.load_state_dict(state["privacy"])
+
+
+def central_accountant(cfg: ExperimentConfig, num_clients: int) -> PrivacyAccountant | None:
+    """The accountant of central DP (``[privacy] where = "server"``); None otherwise.
+
+    A client is sampled with probability ``clients_per_round / clients`` and its update enters
+    two released aggregates a round (the global one and its task's).
+    """
+    privacy = cfg.privacy
+    if privacy is None or privacy.where != "server":
+        return None
+    per_round = min(cfg.server.clients_per_round or num_clients, num_clients)
+    rate = per_round / num_clients
+    z = resolve_noise_multiplier(
+        privacy.noise_multiplier,
+        privacy.target_epsilon,
+        privacy.delta,
+        sample_rate=rate,
+        rounds=cfg.server.rounds,
+        releases=RELEASES_PER_ROUND,
+        kind=privacy.accountant,
+    )
+    return PrivacyAccountant(privacy.accountant, z, rate, RELEASES_PER_ROUND)
+
+
+def max_client_weights(
+    accepted: Sequence[ClientUpdate],
+    task_shares: dict[str, float],
+    method: str,
+    max_client_share: float,
+) -> tuple[float, dict[str, float]]:
+    """The largest weight one client can carry in the global update and in each task adapter.
+
+    By samples (FedAvg and its kin): ``max n_k / Σ n`` over the aggregate's clients, with
+    ``n_k`` from their configs. Accuracy-aware: at most the cap ``max(c, 1/K_τ)`` within a task,
+    times its share ``π_τ`` in the global update, whatever the clients report.
+    """
+    groups = group_by_task(accepted)
+    if method in TASK_ACCURACY_METHODS:
+        tasks = {t: max(max_client_share, 1.0 / len(m)) for t, m in groups.items()}
+        return max(task_shares[t] * w for t, w in tasks.items()), tasks
+    total = sum(u.num_examples for u in accepted)
+    tasks = {
+        t: max(u.num_examples for u in m) / sum(u.num_examples for u in m)
+        for t, m in groups.items()
+    }
+    return max(u.num_examples for u in accepted) / total, tasks
 
 
 def task_accuracy_settings(server: ServerConfig) -> TaskAccuracySettings:

@@ -5,7 +5,11 @@ released aggregate gets, calibrated to the largest weight one client can carry i
 ``accountant``: ε at δ from opacus's accountants, composed round by round.
 """
 
-from fedmoa.privacy.accountant import PrivacyAccountant, noise_for_target
+from fedmoa.privacy.accountant import (
+    PrivacyAccountant,
+    noise_for_target,
+    resolve_noise_multiplier,
+)
 from fedmoa.privacy.clipping import clip_update, update_norm
 from fedmoa.privacy.config import PrivacyConfig
 from fedmoa.privacy.mechanism import add_gaussian_noise, sensitivity
@@ -16,6 +20,7 @@ __all__ = [
     "add_gaussian_noise",
     "clip_update",
     "noise_for_target",
+    "resolve_noise_multiplier",
     "sensitivity",
     "update_norm",
 ]

@@ -67,3 +67,20 @@ def noise_for_target(
             accountant=kind,
         )
     )
+
+
+def resolve_noise_multiplier(
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    delta: float,
+    *,
+    sample_rate: float,
+    rounds: int,
+    releases: int,
+    kind: str,
+) -> float:
+    """The configured multiplier, or the one at which the planned rounds spend the target."""
+    if noise_multiplier is not None:
+        return noise_multiplier
+    assert target_epsilon is not None  # PrivacyConfig requires one of the two
+    return noise_for_target(target_epsilon, delta, sample_rate, rounds, releases, kind)

@@ -129,6 +129,7 @@ def train(message: Message, context: Context) -> Message:
         method=cfg.server.method,
         server=cfg.server,
         weighting_config=cfg.weighting,
+        privacy=cfg.privacy,
         seed=cfg.seed,
         server_round=server_round,
         started=started,
