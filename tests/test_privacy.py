@@ -140,7 +140,8 @@ def test_a_private_run_clips_noises_and_accounts_every_round(tmp_path):
     assert rounds[0]["privacy/noise_std/math"] == pytest.approx(0.8 * 2 * 0.5 / 2)
     assert rounds[0]["privacy/noise_std/chain"] == pytest.approx(0.8 * 2 * 0.5)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["privacy"] == {"epsilon": epsilons[-1], "delta": 1e-5}
+    assert summary["privacy"]["epsilon"] == epsilons[-1]
+    assert summary["privacy"]["delta"] == 1e-5
 
     again, _ = run_embedded(private_experiment(tmp_path / "again"), tmp_path / "again-run")
     plain, _ = run_embedded(private_experiment(tmp_path / "plain", table=""), tmp_path / "p-run")
@@ -204,3 +205,32 @@ def test_methods_without_the_derived_sensitivity_are_refused(tmp_path, method, r
     with pytest.raises(ConfigError, match="privacy") as info:
         load_experiment(config)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_run_at_max_epsilon_stops_with_its_adapters_and_resumes_to_the_same_state(tmp_path):
+    from fedmoa.federation.config import load_experiment
+    from fedmoa.federation.embedded import EmbeddedFederation
+    from fedmoa.runs import RunDirectory
+    from test_embedded import run_embedded
+
+    accountant = PrivacyAccountant("rdp", 0.8, 1.0, 2)
+    accountant.step()
+    one = accountant.epsilon(1e-5)
+    accountant.step()
+    budget = (one + accountant.epsilon(1e-5)) / 2  # room for one round of three
+    config = private_experiment(tmp_path, rounds=3, table=PRIVACY + f"max_epsilon = {budget}\n")
+    federation, _ = run_embedded(config, tmp_path / "run")
+    assert federation.server.state.completed_rounds == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["privacy"]["epsilon"] <= budget
+    assert (tmp_path / "run" / "adapters" / "global" / "adapter_model.safetensors").is_file()
+    records = federation.run.read_metrics()
+    assert [r["round"] for r in records if r["type"] == "eval"][-1] == 1  # the last is scored
+
+    resumed = EmbeddedFederation(load_experiment(config), RunDirectory(tmp_path / "run"))
+    assert resumed.resume() == 1
+    resumed.run_rounds()
+    assert resumed.server.state.completed_rounds == 1
+    for key, tensor in federation.server.state.global_adapter.items():
+        assert torch.equal(resumed.server.state.global_adapter[key], tensor)
+    assert resumed.server.accountant.epsilon(1e-5) == pytest.approx(one)

@@ -73,7 +73,7 @@ class EmbeddedFederation(ServerRuntime):
     ) -> dict[str, Any]:
         self.evaluate_round0()
         start = self.server.state.completed_rounds
-        for server_round in range(start + 1, self.cfg.server.rounds + 1):
+        for server_round in range(start + 1, self.rounds_to_run + 1):
             records = self.run_round(server_round, on_client)
             if on_round is not None:
                 on_round(server_round, records)

@@ -15,6 +15,7 @@ run-time never opens a client's data or imports its reward code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,11 +82,36 @@ class ServerRuntime:
         # each client's weighting and sampler state, when the engine keeps it on the server
         self.client_states: dict[str, dict[str, Any]] = {}
 
+    @functools.cached_property
+    def rounds_to_run(self) -> int:
+        """``server.rounds``, or fewer where ``[privacy] max_epsilon`` runs out first: the run
+        stops after the last round within the budget, its checkpoint and adapters intact."""
+        rounds, privacy, accountant = (
+            self.cfg.server.rounds,
+            self.cfg.privacy,
+            self.server.accountant,
+        )
+        if privacy is None or privacy.max_epsilon is None or accountant is None:
+            return rounds
+        within = accountant.rounds_within(privacy.max_epsilon, privacy.delta, rounds)
+        if within < rounds:
+            logger.warning(
+                "privacy: max_epsilon = %g at delta = %g allows %d of %d rounds; the run stops "
+                "after round %d",
+                privacy.max_epsilon,
+                privacy.delta,
+                within,
+                rounds,
+                within,
+            )
+        return within
+
     def admit_clients(self, client_tasks: Mapping[str, str]) -> None:
         """The clients that joined a deployment (client id -> task), which its experiment may not
         list: the server learns them from the nodes (``fedmoa.federation.flower.roster``)."""
         self.client_tasks = dict(client_tasks)
         self.server = FederatedServer(self.cfg, self.initial, self.client_tasks)
+        self.__dict__.pop("rounds_to_run", None)  # the sampling rate may have changed
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -137,7 +163,8 @@ class ServerRuntime:
             }
         )
         every = cfg.server.eval_every
-        evaluate = bool(every and server_round % every == 0) or server_round == cfg.server.rounds
+        last = server_round == cfg.server.rounds or server_round == self.rounds_to_run
+        evaluate = bool(every and server_round % every == 0) or last
         local = (
             self.local_models(plan, updates, aggregated)
             if evaluate and cfg.server.eval_local_models
@@ -250,6 +277,8 @@ class ServerRuntime:
             summary["privacy"] = {
                 "epsilon": rounds[-1]["privacy/epsilon"],
                 "delta": self.cfg.privacy.delta,
+                "max_epsilon": self.cfg.privacy.max_epsilon,
+                "planned_rounds": self.cfg.server.rounds,
             }
         write_json_atomic(self.run.path / "summary.json", summary)
         return summary

@@ -46,6 +46,15 @@ class PrivacyAccountant:
             trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return float(trial.get_epsilon(delta)) if trial.history else 0.0
 
+    def rounds_within(self, budget: float, delta: float, limit: int) -> int:
+        """How many rounds, counted from the start, keep ε at δ within ``budget`` (≤ limit)."""
+        trial = PrivacyAccountant(self.kind, self.noise_multiplier, self.sample_rate, self.releases)
+        for rounds in range(limit):
+            trial.step()
+            if trial.epsilon(delta) > budget:
+                return rounds
+        return limit
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": [list(h) for h in self._accountant.history]}
 

@@ -20,6 +20,8 @@ class PrivacyConfig:
     noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)
     target_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
     delta: float = Field(1e-5, gt=0, lt=1)  # δ of the (ε, δ) guarantee
+    # stop cleanly after the last round whose ε stays within this budget; none: no limit
+    max_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
     # "server": the server adds the noise (central DP); "client": each client noises its own
     # clipped update before sending it (local DP, for owners who do not trust the server)
     where: Literal["server", "client"] = "server"

@@ -47,11 +47,12 @@ def serve(grid: Grid, context: Context, on_round: RoundCallback | None = None) -
     timeout = cfg.server.round_timeout or settings.reply_timeout
     strategy = FedMOAStrategy(runtime, roster, reply_timeout=timeout, on_round=on_round)
     strategy.evaluate_round0(grid)
-    if done < cfg.server.rounds:
+    planned = runtime.rounds_to_run  # server.rounds, or fewer within [privacy] max_epsilon
+    if done < planned:
         strategy.start(
             grid,
             adapter_to_record(runtime.server.state.global_adapter),
-            num_rounds=cfg.server.rounds - done,  # Flower counts them from 1 (see the strategy)
+            num_rounds=planned - done,  # Flower counts them from 1 (see the strategy)
             timeout=timeout,
         )
     return runtime.finish()
