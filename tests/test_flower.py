@@ -440,9 +440,17 @@ SERVER_SETTINGS = (
 )
 
 
-def write_node_folders(root: Path) -> tuple[Path, Path]:
+PRIVATE = "\n[privacy]\nclip = 0.5\nnoise_multiplier = 0.8\n"
+
+
+def write_node_folders(root: Path, private: bool = False) -> tuple[Path, Path]:
     """One folder per data owner with its client file (chain's reward file beside it), the
-    server's experiment without clients, and the one-file experiment naming the same files."""
+    server's experiment without clients, and the one-file experiment naming the same files;
+    ``private``: with central DP (the softmax rule, a share cap and a ``[privacy]`` table)."""
+    settings = SERVER_SETTINGS
+    if private:
+        rule = '[server]\naccuracy_rule = "softmax"\nmax_client_share = 0.5'
+        settings = settings.replace("[server]", rule, 1) + PRIVATE
     for client_id, table in NODE_CLIENTS.items():
         folder = root / f"node-{client_id}"
         folder.mkdir()
@@ -451,21 +459,23 @@ def write_node_folders(root: Path) -> tuple[Path, Path]:
     server = root / "server"
     server.mkdir()
     (server / "experiment.toml").write_text(
-        SERVER_SETTINGS.replace("[server]", '[server]\nnum_clients = 3\ntasks = ["math", "chain"]')
+        settings.replace("[server]", '[server]\nnum_clients = 3\ntasks = ["math", "chain"]', 1)
     )
     onefile = root / "onefile"
     onefile.mkdir()
     clients = ", ".join(f'"../node-{c}/client.toml"' for c in sorted(NODE_CLIENTS))
-    (onefile / "experiment.toml").write_text(f"clients = [{clients}]\n{SERVER_SETTINGS}")
+    (onefile / "experiment.toml").write_text(f"clients = [{clients}]\n{settings}")
     return server / "experiment.toml", onefile / "experiment.toml"
 
 
-def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path):
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "central-dp"])
+def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path, private):
     """3 SuperNodes (``--isolation process``), each in its own folder with its own client file,
     each served by one long-lived ``fedmoa clientapp``; the server's experiment lists no
     clients. Same global adapter as the embedded run of the one-file experiment, one model
-    build per node for the whole run."""
-    server_experiment, onefile = write_node_folders(tmp_path)
+    build per node for the whole run; with central DP too (clipped on the nodes, noised on the
+    server)."""
+    server_experiment, onefile = write_node_folders(tmp_path, private)
     assert (
         "[[clients]]" not in server_experiment.read_text()
         and "toml" not in server_experiment.read_text()
@@ -495,6 +505,8 @@ def test_deployment_nodes_with_own_client_files_and_resident_models(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     embedded = RunDirectory(tmp_path / "embedded").read_metrics()
     assert without_timings(records) == without_timings(embedded)
+    rounds = [r for r in records if r["type"] == "round"]
+    assert all(("privacy/epsilon" in r) == private for r in rounds)
 
 
 # -- the command line -------------------------------------------------------------------------

@@ -234,3 +234,17 @@ def test_a_run_at_max_epsilon_stops_with_its_adapters_and_resumes_to_the_same_st
     for key, tensor in federation.server.state.global_adapter.items():
         assert torch.equal(resumed.server.state.global_adapter[key], tensor)
     assert resumed.server.accountant.epsilon(1e-5) == pytest.approx(one)
+
+
+def test_importing_fedmoa_leaves_the_root_logger_alone():
+    """opacus adds a root handler when imported, after which an application's
+    ``logging.basicConfig`` does nothing (the nodes' INFO lines vanished): it is imported only
+    when an accountant is made."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, fedmoa.federation.server, fedmoa.federation.flower.client_app\n"
+        "assert not logging.getLogger().handlers, logging.getLogger().handlers"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

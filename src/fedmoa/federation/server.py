@@ -291,8 +291,8 @@ def central_accountant(cfg: ExperimentConfig, num_clients: int) -> PrivacyAccoun
     two released aggregates a round (the global one and its task's).
     """
     privacy = cfg.privacy
-    if privacy is None or privacy.where != "server":
-        return None
+    if privacy is None or privacy.where != "server" or not num_clients:
+        return None  # (a deployment's server is rebuilt once its clients have joined)
     per_round = min(cfg.server.clients_per_round or num_clients, num_clients)
     rate = per_round / num_clients
     z = resolve_noise_multiplier(

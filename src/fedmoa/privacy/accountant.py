@@ -8,12 +8,16 @@ its task's), and the accountant composes them all.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+# opacus is imported when an accountant is made, never at fedmoa's import: importing it adds a
+# handler to the root logger, after which an application's logging.basicConfig does nothing.
+ACCOUNTANTS = {"rdp": "RDPAccountant", "prv": "PRVAccountant"}
 
-ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+def _accountant(kind: str) -> Any:
+    return getattr(importlib.import_module("opacus.accountants"), ACCOUNTANTS[kind])()
 
 
 class PrivacyAccountant:
@@ -24,7 +28,7 @@ class PrivacyAccountant:
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
         self.releases = releases
-        self._accountant = ACCOUNTANTS[kind]()
+        self._accountant = _accountant(kind)
 
     def step(self) -> None:
         """One round."""
@@ -40,7 +44,7 @@ class PrivacyAccountant:
 
     def epsilon_after(self, rounds: int, delta: float) -> float:
         """ε if ``rounds`` more rounds ran; the accountant itself is left as it is."""
-        trial = ACCOUNTANTS[self.kind]()
+        trial = _accountant(self.kind)
         trial.history = list(self._accountant.history)
         for _ in range(rounds * self.releases):
             trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -67,6 +71,8 @@ def noise_for_target(
 ) -> float:
     """The noise multiplier at which ``rounds`` rounds spend ``target_epsilon`` (opacus's
     search over its accountant)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
