@@ -248,3 +248,27 @@ def test_importing_fedmoa_leaves_the_root_logger_alone():
         "assert not logging.getLogger().handlers, logging.getLogger().handlers"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_report_shows_each_methods_final_epsilon(tmp_path):
+    import shutil
+
+    from fedmoa.report import write_report
+    from test_report import RUNS, table_rows
+
+    runs = []
+    for name, epsilon in (("fedmoa-s0", 2.0), ("fedmoa-s1", 3.0), ("fedavg-s0", None)):
+        shutil.copytree(RUNS / name, tmp_path / name)
+        runs.append(tmp_path / name)
+        metrics = tmp_path / name / "metrics.jsonl"
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        for record in lines:
+            if record.get("type") == "round" and epsilon is not None:
+                record["privacy/epsilon"] = epsilon * record["round"] / 2
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = table_rows(write_report(runs, tmp_path / "report").markdown.read_text())
+    last = max(r["round"] for r in lines if r.get("type") == "round")
+    assert rows["fedmoa"]["ε (DP)"] == f"{(2.0 + 3.0) / 2 * last / 2:.2f} ± " + (
+        f"{math.sqrt(((2.0 - 3.0) * last / 2) ** 2 / 2):.2f}"
+    )
+    assert rows["fedavg"]["ε (DP)"] == "∞ (not private)"

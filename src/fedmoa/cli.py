@@ -451,6 +451,11 @@ def print_round(server_round: int, records: list[dict], cfg, out: Console) -> No
             f"  global test accuracy {_fmt(evals.get('global/accuracy'))}, "
             f"personalized {_fmt(evals.get('personal/accuracy'))}"
         )
+    round_record = next((r for r in records if r["type"] == "round"), {})
+    if "privacy/epsilon" in round_record and cfg.privacy is not None:
+        out.print(
+            f"  privacy: ε = {round_record['privacy/epsilon']:.3f} at δ = {cfg.privacy.delta:g}"
+        )
 
 
 def print_summary(history: list[dict], reward_names: list[str]) -> None:

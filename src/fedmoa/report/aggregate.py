@@ -156,6 +156,7 @@ class MethodSummary:
     bytes_down_per_round: Stat
     # check name -> (base, final) of its global figure
     global_checks: dict[str, tuple[Stat, Stat]] = field(default_factory=dict)
+    epsilon: Stat = field(default_factory=lambda: Stat.of([]))  # central DP's final ε
     delta_global: Delta | None = None  # None: no fedavg among the runs, or this is fedavg
     delta_personal: Delta | None = None
     # vs fedavg, seed by seed: PAIRED_METRICS name -> difference (empty without fedavg)
@@ -188,6 +189,7 @@ def summarize(runs: list[RunRecord]) -> list[MethodSummary]:
             gain_global=Stat.of(r.final_global_accuracy - r.base_global_accuracy for r in group),
             bytes_up_per_round=Stat.of(_per_round(r.bytes_up) for r in group),
             bytes_down_per_round=Stat.of(_per_round(r.bytes_down) for r in group),
+            epsilon=Stat.of(r.epsilon for r in group),
             global_checks={
                 name: (
                     Stat.of(r.base_checks.get(f"global/checks/{name}", math.nan) for r in group),

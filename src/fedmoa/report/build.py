@@ -139,6 +139,9 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
     checks = sorted({name for s in summaries for name in s.global_checks})
     for name in checks:
         headers += [f"base global acc ({name})", f"final global acc ({name})"]
+    private = any(s.epsilon.n for s in summaries)
+    if private:
+        headers.append("ε (DP)")
     headers += ["KiB up/round", "KiB down/round"]
     rows = []
     for s in summaries:
@@ -158,6 +161,8 @@ def comparison_table(summaries: list[MethodSummary]) -> TableBlock:
         for name in checks:
             base, final = s.global_checks.get(name, (Stat.of([]), Stat.of([])))
             row += [base.fmt(), final.fmt()]
+        if private:
+            row.append(s.epsilon.fmt(2) if s.epsilon.n else "∞ (not private)")
         row += [s.bytes_up_per_round.fmt(1, 1 / 1024), s.bytes_down_per_round.fmt(1, 1 / 1024)]
         rows.append(row)
     return TableBlock(headers, rows, right=set(range(2, len(headers))))

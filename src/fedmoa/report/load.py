@@ -58,6 +58,7 @@ class RunRecord:
     # evaluation-only checks, final and round 0: "global/checks/<name>" and
     # "personal/checks/<name>" -> value (``[[clients]] checks``)
     final_checks: dict[str, float] = field(default_factory=dict)
+    epsilon: float = math.nan  # ε after the last round (central DP); NaN: not a private run
     base_checks: dict[str, float] = field(default_factory=dict)
     finished: bool = False  # summary.json is present
 
@@ -106,6 +107,8 @@ def load_run(path: str | Path) -> RunRecord:
         if kind == "client":
             _add_client(run, record, server_round, where)
         elif kind == "round":
+            if "privacy/epsilon" in record:
+                run.epsilon = _number(record, "privacy/epsilon", where)
             run.bytes_up[server_round] = int(_number(record, "bytes_up", where, 0))
             run.bytes_down[server_round] = int(_number(record, "bytes_down", where, 0))
             weights = record.get("client_weights")
