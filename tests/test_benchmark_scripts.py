@@ -303,3 +303,18 @@ def test_learning_speed_smoke(tmp_path: Path) -> None:
         assert run["train_seconds"] > 0 and len(run["train_reward"]) == figures["args"]["steps"]
         assert set(run["median_split_s"]) == {"generate", "forward_backward", "rest"}
         assert 0 <= run["test_verifier"] <= 1
+
+
+def test_privacy_cost_smoke_times_every_part_against_the_aggregation(tmp_path: Path) -> None:
+    figures = run_smoke("privacy_cost.py", tmp_path)
+    assert set(figures["timings"]) == {
+        "aggregate (FedAvg, reference)",
+        "clip one update",
+        "noise one aggregate",
+        "accountant step + ε",
+    }
+    assert all(t > 0 for t in figures["timings"].values())
+    assert figures["ratio"] == pytest.approx(
+        figures["server_added"] / figures["timings"]["aggregate (FedAvg, reference)"]
+    )
+    assert figures["bytes_per_update"] == 4 * figures["parameters"]  # float32 on the wire
