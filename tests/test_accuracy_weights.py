@@ -132,7 +132,7 @@ def test_cap_applies_within_each_task_under_either_rule() -> None:
 def test_noise_aware_shares_move_less_than_the_papers_on_a_small_validation_set() -> None:
     updates = [client("a", 0.75, 8), client("b", 0.5, 8)]
     paper = within_task_weights(updates, TaskAccuracySettings(rule="softmax"))
-    aware = within_task_weights(updates, TaskAccuracySettings())
+    aware = within_task_weights(updates, TaskAccuracySettings(rule="noise-aware"))
     assert paper[0] > 0.9  # 2 of 8 prompts hand a 0.92 share
     assert 0.5 < aware[0] < 0.65
 
@@ -168,8 +168,8 @@ def test_every_server_key_reaches_the_rule() -> None:
         {"a": AccuracyEvidence(0.0, 8.0), "b": AccuracyEvidence(4.0, 8.0)}, updates, 0.5
     )
 
-    def shares(**keys: object) -> list[float]:
-        settings = task_accuracy_settings(ServerConfig(**keys))
+    def shares(**keys: object) -> list[float]:  # these updates carry accuracies, not pairs
+        settings = task_accuracy_settings(ServerConfig(**{"accuracy_rule": "noise-aware", **keys}))
         return within_task_weights(updates, settings, evidence)
 
     default = shares()
@@ -201,7 +201,9 @@ def test_server_keeps_the_record_across_rounds_and_checkpoints() -> None:
     def server(memory: float) -> FederatedServer:
         cfg = ExperimentConfig(
             clients=[ClientConfig(id=c, task="math", rewards=[reward]) for c in "ab"],
-            server=ServerConfig(method="fedmoa", accuracy_memory=memory),
+            server=ServerConfig(
+                method="fedmoa", accuracy_rule="noise-aware", accuracy_memory=memory
+            ),
         )
         return FederatedServer(cfg, CURRENT)
 

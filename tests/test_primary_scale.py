@@ -89,6 +89,7 @@ def one_round(
     method: str,
     primary: Callable[..., Any],
     data: ClientData = DATA,
+    rule: str = "gain",
 ) -> ClientRoundResult:
     model, tokenizer, start = policy
     return run_client_round(
@@ -100,7 +101,7 @@ def one_round(
         start,
         None,
         method=method,
-        server=ServerConfig(method=method, validation_prompts=2),
+        server=ServerConfig(method=method, validation_prompts=2, accuracy_rule=rule),
         weighting_config=WeightingConfig(method="static"),
         seed=0,
         server_round=1,
@@ -123,11 +124,14 @@ def test_an_off_scale_primary_stops_an_accuracy_aware_client_at_its_first_score(
     assert len(calls) == 1  # the first training batch
 
 
-def test_the_check_falls_on_validation_when_training_never_scores(policy: Any) -> None:
+@pytest.mark.parametrize("rule", ["noise-aware", "gain"])
+def test_the_check_falls_on_validation_when_training_never_scores(policy: Any, rule: str) -> None:
+    """After the training steps; or, under the gain rule, at once: its first validation pass
+    (the start adapter's) comes before training."""
     calls: list[int] = []
     with pytest.raises(RewardError, match=r"reward 'score' returned -2\.0 at sample 0"):
-        one_round(policy, "fedmoa", scoring(None, -2.0, calls))
-    assert len(calls) == CLIENT.local_steps + 1
+        one_round(policy, "fedmoa", scoring(None, -2.0, calls), rule=rule)
+    assert len(calls) == (CLIENT.local_steps + 1 if rule == "noise-aware" else 1)
 
 
 def test_an_off_scale_primary_trains_and_aggregates_under_fedavg(policy: Any) -> None:

@@ -7,13 +7,13 @@ specified in docs "Server: task- and accuracy-aware aggregation":
 2. within each task τ with clients C_τ, weight by samples and accuracy:
    ``α_k = n_k·exp(a_k/T_acc) / Σ_{l∈C_τ} n_l·exp(a_l/T_acc)`` (``rule = "softmax"``,
    the paper's rule), so a better adapter counts more and ``T_acc → ∞`` is FedAvg
-   within the task. ``a_k`` is measured on only ``V_k`` validation prompts, so by
-   default (``rule = "noise-aware"``) ``a_k`` is replaced by the client's pooled
+   within the task. ``a_k`` is measured on only ``V_k`` validation prompts, so with
+   ``rule = "noise-aware"`` ``a_k`` is replaced by the client's pooled
    validation record ``â_k`` (this round's ``V_k`` outcomes plus ``ρ`` times its
    earlier ones) and the temperature grows with the standard error of that record:
    ``T_τ = T_acc + κ·sqrt(p̄_τ(1−p̄_τ)/N̄_τ)``, so a difference the size of sampling
    noise moves shares little and ``V → ∞`` (with ``ρ = 0``) is the paper's rule.
-   With ``rule = "gain"`` the signal is the update's paired gain instead: each client
+   With ``rule = "gain"`` (the default) the signal is the update's paired gain instead: each client
    scores the same freshly drawn validation prompts with its start adapter and with its
    trained one, ``ĝ_k`` is the mean of ``after − before`` over its record (repeated
    prompts merged, so they are not counted as new evidence), and
@@ -72,7 +72,7 @@ class TaskAccuracySettings:
     t_acc: float = 0.1  # accuracy temperature T_acc; math.inf = FedAvg within each task
     gamma: float = 0.0  # task-mix exponent γ; 0 = equal task shares, 1 = by samples
     server_lr: float = 1.0  # η_s
-    rule: AccuracyRule = "noise-aware"
+    rule: AccuracyRule = "gain"
     noise_scale: float = 5.0  # κ: the temperature's growth per unit of standard error
     memory: float = 0.5  # ρ: weight of a client's earlier validation outcomes, per round
     max_client_share: float = 1.0  # cap on one client's α_k within its task; 1 = none

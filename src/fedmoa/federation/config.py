@@ -186,10 +186,10 @@ class ServerConfig:
     round_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     # -- task- and accuracy-aware aggregation --
     t_acc: float = Field(0.1, gt=0)  # accuracy temperature T_acc; smaller favours the accurate
+    # "gain": the update's paired gain (after − before on V prompts drawn afresh each round);
     # "noise-aware": a_k pooled over rounds, temperature grown by its standard error;
-    # "softmax": the paper's exp(a_k/T_acc) on this round's a_k; "gain": the update's paired
-    # gain (after − before on V prompts drawn afresh each round) (docs/design.md)
-    accuracy_rule: AccuracyRule = "noise-aware"
+    # "softmax": the paper's exp(a_k/T_acc) on this round's a_k (docs/design.md)
+    accuracy_rule: AccuracyRule = "gain"
     # κ: standard errors of a client's validation record added to the temperature
     accuracy_noise_scale: float = Field(5.0, ge=0, allow_inf_nan=False)
     accuracy_memory: float = Field(0.5, ge=0, lt=1)  # ρ: weight of earlier rounds' outcomes

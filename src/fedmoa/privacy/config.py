@@ -15,9 +15,9 @@ class PrivacyConfig:
     """DP-FedAvg-style client-level privacy; docs/design.md, "Differential privacy"."""
 
     clip: float = Field(gt=0, allow_inf_nan=False)  # L2 bound of each client's LoRA update
-    # Gaussian noise std per released aggregate = noise_multiplier × its sensitivity; or set
-    # target_epsilon and the accountant finds the multiplier for the planned rounds
+    # Gaussian noise std per released aggregate = noise_multiplier × its sensitivity
     noise_multiplier: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # ε the planned rounds may spend at delta: the multiplier is found for it (opacus)
     target_epsilon: float | None = Field(None, gt=0, allow_inf_nan=False)
     delta: float = Field(1e-5, gt=0, lt=1)  # δ of the (ε, δ) guarantee
     # stop cleanly after the last round whose ε stays within this budget; none: no limit
