@@ -446,11 +446,10 @@ PRIVATE = "\n[privacy]\nclip = 0.5\nnoise_multiplier = 0.8\n"
 def write_node_folders(root: Path, private: bool = False) -> tuple[Path, Path]:
     """One folder per data owner with its client file (chain's reward file beside it), the
     server's experiment without clients, and the one-file experiment naming the same files;
-    ``private``: with central DP (the softmax rule, a share cap and a ``[privacy]`` table)."""
+    ``private``: with central DP (the default gain rule, a share cap, a ``[privacy]`` table)."""
     settings = SERVER_SETTINGS
     if private:
-        rule = '[server]\naccuracy_rule = "softmax"\nmax_client_share = 0.5'
-        settings = settings.replace("[server]", rule, 1) + PRIVATE
+        settings = settings.replace("[server]", "[server]\nmax_client_share = 0.5", 1) + PRIVATE
     for client_id, table in NODE_CLIENTS.items():
         folder = root / f"node-{client_id}"
         folder.mkdir()

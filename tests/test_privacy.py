@@ -58,23 +58,27 @@ def test_the_noise_std_is_the_multiplier_times_the_derived_sensitivity():
     assert torch.equal(noisy["w"], again["w"])  # a seeded server draws the same noise
 
 
-def test_a_capped_accuracy_share_bounds_what_one_client_moves():
+@pytest.mark.parametrize("rule", ["softmax", "noise-aware", "gain"])
+def test_a_capped_accuracy_share_bounds_what_one_client_moves(rule):
     """Replacing one client's update and report moves each task's aggregate by at most
-    ``2·w_max·C`` with ``w_max = max(cap, 1/K)`` (softmax rule, so the others rescale in
-    proportion), over random reports and updates; the bound is reached within a factor 2."""
-    clip, cap, k = 1.0, 0.4, 4
-    settings = TaskAccuracySettings(rule="softmax", max_client_share=cap)
+    ``2·w_max·C`` with ``w_max = max(cap, 1/K)``, over random reports and updates, under every
+    rule as the server runs it with DP (``worst_case_prompts``: the others only rescale in
+    proportion); the bound is reached within a factor 2."""
+    clip, cap, k, v = 1.0, 0.4, 4, 8
+    settings = TaskAccuracySettings(rule=rule, max_client_share=cap, worst_case_prompts=v)
     zero = {n: torch.zeros(s) for n, s in SHAPES.items()}
     rng = random.Random(0)
+
+    def client(cid: str, seed: int) -> ClientUpdate:
+        delta, _ = clip_update(random_update(3.0, seed), clip)
+        pairs = tuple((i, float(rng.random() < 0.5), float(rng.random() < 0.5)) for i in range(v))
+        accuracy = sum(a for *_, a in pairs) / v
+        return ClientUpdate(cid, "t", 8, delta, accuracy, {}, v, pairs if rule == "gain" else ())
+
     worst = 0.0
     for trial in range(300):
-        updates = []
-        for i in range(k):
-            delta, _ = clip_update(random_update(3.0, trial * 10 + i), clip)
-            updates.append(ClientUpdate(f"c{i}", "t", 8, delta, rng.random(), {}, 8))
-        swapped = list(updates)
-        other, _ = clip_update(random_update(3.0, 10_000 + trial), clip)
-        swapped[0] = ClientUpdate("c0", "t", 8, other, rng.random(), {}, 8)
+        updates = [client(f"c{i}", trial * 10 + i) for i in range(k)]
+        swapped = [client("c0", 10_000 + trial), *updates[1:]]
         a = task_accuracy_aggregate(zero, updates, settings).task_adapters["t"]
         b = task_accuracy_aggregate(zero, swapped, settings).task_adapters["t"]
         moved = update_norm({n: a[n] - b[n] for n in a})
@@ -193,7 +197,6 @@ def test_bad_privacy_settings_are_one_line_naming_the_field(tmp_path, table, exp
     [
         ("fedadam", "softmax", "server.method = 'fedadam' is not supported"),
         ("local", "softmax", "server.method = 'local' is not supported"),
-        ("fedmoa", "gain", "needs server.accuracy_rule = 'softmax'"),
     ],
 )
 def test_methods_without_the_derived_sensitivity_are_refused(tmp_path, method, rule, expected):

@@ -76,6 +76,10 @@ class TaskAccuracySettings:
     noise_scale: float = 5.0  # κ: the temperature's growth per unit of standard error
     memory: float = 0.5  # ρ: weight of a client's earlier validation outcomes, per round
     max_client_share: float = 1.0  # cap on one client's α_k within its task; 1 = none
+    # > 0 (client-level DP): the temperature's noise term is its worst case at this many
+    # prompts, and a client without evidence gets a neutral value, so that no client's report
+    # moves another's weight ratios (docs/design.md, "Differential privacy")
+    worst_case_prompts: int = 0
 
     def __post_init__(self) -> None:
         check_positive("t_acc", self.t_acc, allow_inf=True)  # math.inf = FedAvg within a task
@@ -90,6 +94,10 @@ class TaskAccuracySettings:
             raise ConfigError(f"memory must be in [0, 1), got {self.memory!r}")
         if not is_real(self.max_client_share) or not 0 < self.max_client_share <= 1:
             raise ConfigError(f"max_client_share must be in (0, 1], got {self.max_client_share!r}")
+        if not isinstance(self.worst_case_prompts, int) or self.worst_case_prompts < 0:
+            raise ConfigError(
+                f"worst_case_prompts must be an integer ≥ 0, got {self.worst_case_prompts!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -156,6 +164,7 @@ def gain_weights(
     t_acc: float,
     noise_scale: float,
     evidence: Mapping[str, GainEvidence] | None = None,
+    worst_case_prompts: int = 0,
 ) -> list[float]:
     """α_k ∝ n_k·exp(ĝ_k/T_τ), ``T_τ = T_acc + κ·sqrt(q̄_τ/N̄_τ)``, over one task's clients.
 
@@ -164,12 +173,18 @@ def gain_weights(
     penalty. ``q̄_τ`` (Jeffreys-smoothed) is the pooled rate of changed scores: for
     ``|d| ≤ 1``, ``Var d ≤ E|d|``, so ``sqrt(q̄/N)`` bounds the standard error of a mean gain
     over N distinct prompts whatever the set's difficulty, which cancels in ``d``.
+    ``worst_case_prompts = V > 0``: ``T = T_acc + κ·sqrt(1/V)`` and a client without pairs
+    gets gain 0, whatever the others report.
     """
     evidence = evidence or {}
     records = [
         evidence.get(u.client_id) or accumulate_gain_evidence({}, [u], 0.0)[u.client_id]
         for u in updates
     ]
+    if worst_case_prompts > 0:
+        gains = [r.gain_sum / r.weight if r.weight > 0 else 0.0 for r in records]
+        temperature = t_acc + noise_scale * math.sqrt(1.0 / worst_case_prompts)
+        return _tempered_weights(updates, gains, temperature)
     weights = [r.weight for r in records]
     if not any(w > 0 for w in weights):  # nobody has evidence: by samples alone
         return _tempered_weights(updates, [0.0] * len(updates), math.inf)
@@ -199,7 +214,9 @@ def accumulate_evidence(
     return out
 
 
-def accuracy_weights(updates: Sequence[ClientUpdate], t_acc: float) -> list[float]:
+def accuracy_weights(
+    updates: Sequence[ClientUpdate], t_acc: float, neutral: float | None = None
+) -> list[float]:
     """α_k ∝ n_k·exp(a_k/T_acc) over one task's clients, in the order given (the paper's rule).
 
     A client that reports ``V_k = 0`` (no scored validation row) has no evidence: next to
@@ -207,6 +224,9 @@ def accuracy_weights(updates: Sequence[ClientUpdate], t_acc: float) -> list[floa
     no penalty, as under the noise-aware rule. Where no client of the task reports ``V``
     (callers that do not count), the accuracies are taken as given.
     """
+    if neutral is not None:  # client-level DP: nothing pooled from the other clients
+        rates = [u.accuracy if u.validation_size > 0 else neutral for u in updates]
+        return _tempered_weights(updates, rates, t_acc)
     trials = sum(u.validation_size for u in updates)
     if trials == 0:
         return _tempered_weights(updates, [u.accuracy for u in updates], t_acc)
@@ -220,6 +240,7 @@ def noise_aware_weights(
     t_acc: float,
     noise_scale: float,
     evidence: Mapping[str, AccuracyEvidence] | None = None,
+    worst_case_prompts: int = 0,
 ) -> list[float]:
     """α_k ∝ n_k·exp(â_k/T_τ), ``T_τ = T_acc + κ·SE_τ``, over one task's clients.
 
@@ -228,7 +249,8 @@ def noise_aware_weights(
     task's pooled rate ``p̄_τ``: no evidence, no reward and no penalty. ``SE_τ`` is the
     standard error of one client's rate at the task's pooled rate and mean record size;
     ``p̄_τ`` is Jeffreys-smoothed, so a task where every answer was right (or wrong) still
-    has a noise scale.
+    has a noise scale. ``worst_case_prompts = V > 0``: ``T = T_acc + κ·sqrt(¼/V)`` and a
+    client without outcomes gets ½, whatever the others report.
     """
     evidence = evidence or {}
     records = [
@@ -236,6 +258,10 @@ def noise_aware_weights(
         or AccuracyEvidence(u.accuracy * u.validation_size, float(u.validation_size))
         for u in updates
     ]
+    if worst_case_prompts > 0:
+        rates = [r.successes / r.trials if r.trials > 0 else 0.5 for r in records]
+        temperature = t_acc + noise_scale * math.sqrt(0.25 / worst_case_prompts)
+        return _tempered_weights(updates, rates, temperature)
     sizes = [r.trials for r in records if r.trials > 0]
     pooled = (sum(r.successes for r in records) + 0.5) / (sum(sizes) + 1.0)
     rates = [r.successes / r.trials if r.trials > 0 else pooled for r in records]
@@ -273,14 +299,17 @@ def within_task_weights(
     evidence: Mapping[str, AccuracyEvidence | GainEvidence] | None = None,
 ) -> list[float]:
     """The α_k of one task's clients under ``settings`` (rule, then the cap)."""
+    worst_case = settings.worst_case_prompts
     if settings.rule == "softmax":
-        alphas = accuracy_weights(members, settings.t_acc)
+        alphas = accuracy_weights(members, settings.t_acc, 0.5 if worst_case else None)
     elif settings.rule == "gain":
         gains = {k: e for k, e in (evidence or {}).items() if isinstance(e, GainEvidence)}
-        alphas = gain_weights(members, settings.t_acc, settings.noise_scale, gains)
+        alphas = gain_weights(members, settings.t_acc, settings.noise_scale, gains, worst_case)
     else:
         records = {k: e for k, e in (evidence or {}).items() if isinstance(e, AccuracyEvidence)}
-        alphas = noise_aware_weights(members, settings.t_acc, settings.noise_scale, records)
+        alphas = noise_aware_weights(
+            members, settings.t_acc, settings.noise_scale, records, worst_case
+        )
     return (
         cap_shares(alphas, settings.max_client_share) if settings.max_client_share < 1 else alphas
     )

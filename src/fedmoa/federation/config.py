@@ -133,12 +133,6 @@ def check_privacy_fits(privacy: PrivacyConfig | None, server: ServerConfig) -> N
             f"privacy: server.method = {method!r} is not supported (it releases no weighted "
             "mean of clipped updates to noise)"
         )
-    if method in TASK_ACCURACY_METHODS and server.accuracy_rule != "softmax":
-        raise ValueError(
-            f"privacy: server.method = {method!r} needs server.accuracy_rule = 'softmax': the "
-            f"{server.accuracy_rule!r} rule pools every client's reports into the temperature, "
-            "so one client moves the others' weights (docs/design.md, 'Differential privacy')"
-        )
 
 
 def _default_eval_rewards() -> list[RewardConfig]:

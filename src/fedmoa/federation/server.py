@@ -175,7 +175,7 @@ class FederatedServer:
                 rejected=[],
             )
         elif self.method in TASK_ACCURACY_METHODS:
-            settings = task_accuracy_settings(server)
+            settings = task_accuracy_settings(server, private=self.accountant is not None)
             if settings.rule == "gain":
                 gains = accumulate_gain_evidence(
                     self.state.gain_evidence, accepted, settings.memory
@@ -331,8 +331,9 @@ def max_client_weights(
     return max(u.num_examples for u in accepted) / total, tasks
 
 
-def task_accuracy_settings(server: ServerConfig) -> TaskAccuracySettings:
-    """The ``[server]`` keys of the task- and accuracy-aware aggregation."""
+def task_accuracy_settings(server: ServerConfig, private: bool = False) -> TaskAccuracySettings:
+    """The ``[server]`` keys of the task- and accuracy-aware aggregation; ``private``: under
+    central client-level DP (``[privacy] where = "server"``)."""
     return TaskAccuracySettings(
         t_acc=server.t_acc,
         gamma=server.gamma,
@@ -341,4 +342,6 @@ def task_accuracy_settings(server: ServerConfig) -> TaskAccuracySettings:
         noise_scale=server.accuracy_noise_scale,
         memory=server.accuracy_memory,
         max_client_share=server.max_client_share,
+        # client-level DP: no client's report may move another's weight ratios
+        worst_case_prompts=server.validation_prompts if private else 0,
     )
