@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
@@ -74,6 +74,10 @@ class GRPOSettings:
     # Rows of the B·G batch per forward and backward, gradients accumulated; 0: the whole batch
     # at once. Same loss and gradients, less activation memory; must divide B·G.
     micro_batch_size: int = Field(0, ge=0)
+    # "primary_success": the auxiliaries give no signal in a group where no completion earns
+    # the primary (> 0), so they cannot pull a policy that fails the primary away from it
+    # (docs/design.md, "Auxiliaries gated by the primary"); "none": always
+    auxiliary_gate: Literal["none", "primary_success"] = "none"
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -183,6 +187,25 @@ def micro_batches(rows: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
+def gate_auxiliaries(
+    rewards: torch.Tensor, group_size: int, primary: int
+) -> tuple[torch.Tensor, float]:
+    """Rewards [N, m] with every auxiliary set to NaN (not applicable) in the groups where no
+    completion earns the primary (> 0), and the fraction of groups gated.
+
+    A NaN reward has advantage 0 and stays out of its group's statistics, so a gated group
+    trains on nothing, exactly as a group whose every objective had zero spread.
+    """
+    grouped = rewards.view(-1, group_size, rewards.shape[1]).clone()
+    primary_rewards = grouped[:, :, primary].nan_to_num(0.0)
+    failed = ~(primary_rewards > 0).any(dim=1)  # [groups]
+    auxiliaries = [i for i in range(rewards.shape[1]) if i != primary]
+    if auxiliaries:
+        mask = failed[:, None, None].expand(-1, group_size, len(auxiliaries))
+        grouped[:, :, auxiliaries] = grouped[:, :, auxiliaries].masked_fill(mask, float("nan"))
+    return grouped.view_as(rewards), failed.float().mean().item()
+
+
 def grpo_step(
     policy: Any,
     tokenizer: Any,
@@ -226,10 +249,13 @@ def grpo_step(
             for ids, n in zip(rollout.completion_ids, rollout.completion_lengths, strict=True)
         ]
         rewards = compute_rewards(reward_funcs, prompts, completions, columns)
+    metrics: dict[str, float] = {}
+    if settings.auxiliary_gate == "primary_success":
+        rewards, gated = gate_auxiliaries(rewards, group, weighting.primary_index)
+        metrics["rewards/aux_gated_frac"] = gated
 
     # 3. Group-relative advantages per objective, mixed with the current weights (which may
     #    first look at this batch: saturation, or the spread that SAW/variance weight by).
-    metrics: dict[str, float] = {}
     zero_std = objective_zero_std(rewards, group)
     with timer.phase("weighting"):
         metrics.update(weighting.observe_batch(RewardBatch(rewards, group, zero_std)))
