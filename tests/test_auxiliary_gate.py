@@ -63,3 +63,17 @@ def test_the_trainer_logs_the_gated_fraction_only_with_the_gate(gate):
     assert ("rewards/aux_gated_frac" in history[0]) == (gate == "primary_success")
     if gate == "primary_success":
         assert 0.0 <= history[0]["rewards/aux_gated_frac"] <= 1.0
+
+
+def test_a_round_records_the_mean_gated_fraction():
+    from fedmoa.federation.client import objective_metrics
+
+    history = [
+        {"rewards/aux_gated_frac": 1.0, "rewards/a/mean": 0.0},
+        {"rewards/aux_gated_frac": 0.5, "rewards/a/mean": 0.5},
+    ]
+    assert objective_metrics(history, ["a"]) == {
+        "rewards/a/mean": 0.5,
+        "rewards/aux_gated_frac": 0.75,
+    }
+    assert objective_metrics([{"rewards/a/mean": 0.5}], ["a"]) == {"rewards/a/mean": 0.5}

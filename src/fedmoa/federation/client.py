@@ -440,11 +440,16 @@ def uniform_metrics(
 
 
 def objective_metrics(history: list[dict[str, float]], names: Sequence[str]) -> dict[str, float]:
-    """Per-objective reward means, weights and alignments of the round's last step."""
+    """Per-objective reward means, weights and alignments of the round's last step, and with
+    ``grpo.auxiliary_gate`` the round's mean fraction of gated groups."""
     last = history[-1]
     keys = [f"{kind}/{n}" for kind in ("weights", "alignment") for n in names]
     keys += [f"rewards/{n}/mean" for n in names]
-    return {k: last[k] for k in keys if k in last}
+    out = {k: last[k] for k in keys if k in last}
+    gated = [m["rewards/aux_gated_frac"] for m in history if "rewards/aux_gated_frac" in m]
+    if gated:
+        out["rewards/aux_gated_frac"] = sum(gated) / len(gated)
+    return out
 
 
 def client_reward_funcs(client: ClientConfig, where: int | str) -> list[tuple[str, RewardFunc]]:
