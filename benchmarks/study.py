@@ -10,6 +10,7 @@ repository, and a run interrupted on another machine starts again from round 1.
     .venv/bin/python benchmarks/study.py
     .venv/bin/python benchmarks/study.py --methods fedavg fedmoa --seeds 0
     .venv/bin/python benchmarks/study.py --report-only
+    .venv/bin/python benchmarks/study.py --set privacy.clip=3 --set privacy.target_epsilon=8
 """
 
 from __future__ import annotations
@@ -56,11 +57,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="override [model] name, e.g. a local path")
     parser.add_argument("--rounds", type=int, help="override server.rounds")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="KEY=VALUE",
+        help="override one key of the study file (dotted path, TOML value), e.g. "
+        "server.validation_prompts=32; repeatable",
+    )
     return parser.parse_args(argv)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` as a key path and a TOML value; a bare word is a string."""
+    key, sep, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(path):
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE, e.g. seed=3")
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_override(cfg: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    table = cfg
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise SystemExit(f"--set {'.'.join(path)}: {part} is not a table in the study file")
+    table[path[-1]] = value
 
 
 def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed: int) -> dict:
     """The study file with this run's method, seed and overrides; everything else unchanged.
+
+    ``--set`` overrides come last, so they win over everything, and land in the run's copy of
+    the config: a run records what it ran, however it was asked for.
 
     ``METHOD+WEIGHTING`` (e.g. ``fedavg+saw``) is ``server.method = METHOD`` with
     ``[weighting] method = WEIGHTING``. Paths relative to the study file (data files, reward
@@ -82,6 +118,8 @@ def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed
         cfg["server"]["rounds"] = args.rounds
     if args.model is not None:
         cfg.setdefault("model", {})["name"] = args.model
+    for path, value in args.overrides:
+        apply_override(cfg, path, value)
     return cfg
 
 

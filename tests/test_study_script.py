@@ -93,10 +93,7 @@ def test_study_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path: Path
 def test_report_covers_finished_runs_of_every_method_and_seed_not_only_this_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = importlib.util.spec_from_file_location("study", BENCHMARKS / "study.py")
-    assert spec is not None and spec.loader is not None
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_study()
     for name, done in [
         ("fedmoa-seed10", True),
         ("fedmoa-seed2", True),
@@ -147,3 +144,28 @@ def test_run_config_splits_method_and_weighting_and_anchors_reward_files(tmp_pat
     assert "weighting" not in plain and base["clients"][0]["rewards"][1]["function"] == (
         "mine.py:no_digits"  # the study file's own data is left as it was
     )
+
+
+def test_set_overrides_win_and_land_in_the_runs_config(tmp_path: Path) -> None:
+    study = load_study()
+    base = {"server": {"method": "fedmoa", "validation_prompts": 8}}
+    args = study.parse_args(
+        ["--config", str(tmp_path / "study.toml"), "--set", "server.validation_prompts=32",
+         "--set", "privacy.target_epsilon=8.0", "--set", "server.method=fedprox",
+         "--set", 'client_defaults.grpo.auxiliary_gate="primary_success"',
+         "--set", "model.name=smollm2-135m"]
+    )  # fmt: skip
+    cfg = study.run_config(base, args, "fedavg", 1)
+    assert cfg["server"] == {"method": "fedprox", "validation_prompts": 32}
+    assert cfg["privacy"] == {"target_epsilon": 8.0}
+    assert cfg["client_defaults"]["grpo"]["auxiliary_gate"] == "primary_success"
+    assert cfg["model"]["name"] == "smollm2-135m"  # a bare word is a string
+    assert base["server"]["validation_prompts"] == 8
+
+
+def test_a_malformed_set_is_one_line_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    study = load_study()
+    with pytest.raises(SystemExit) as exit_info:
+        study.parse_args(["--set", "server.rounds"])
+    assert exit_info.value.code == 2
+    assert "--set 'server.rounds': expected KEY=VALUE" in capsys.readouterr().err
