@@ -431,3 +431,25 @@ def test_local_runs_have_no_share_of_a_global_update(tmp_path):
     assert run.method == "local" and run.shares  # as older local records do
     rows = client_breakdown(summarize([run]))
     assert rows and all(row.share.n == 0 and row.share.fmt() == "-" for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("grpo", "privacy", "label"),
+    [
+        ({}, None, "fedmoa"),
+        ({"auxiliary_gate": "none"}, None, "fedmoa"),
+        ({"auxiliary_gate": "primary_success"}, None, "fedmoa+gate"),
+        ({}, {"clip": 3.0, "target_epsilon": 8.0}, "fedmoa+dp(ε=8)"),
+        ({"auxiliary_gate": "primary_success"}, {"clip": 1.0, "noise_multiplier": 0.5,
+         "where": "client"}, "fedmoa+gate+dp(z=0.5, local)"),
+    ],
+)  # fmt: skip
+def test_gate_and_privacy_runs_get_rows_of_their_own(tmp_path, grpo, privacy, label):
+    """Runs with and without them share one report, paired seed by seed, without merging."""
+    shutil.copytree(RUNS / "fedmoa-s0", tmp_path / "run")
+    resolved = tmp_path / "run" / "resolved_config.json"
+    config = json.loads(resolved.read_text())
+    config["clients"][-1].setdefault("grpo", {}).update(grpo)  # one client is enough
+    config["privacy"] = privacy
+    resolved.write_text(json.dumps(config))
+    assert load_run(tmp_path / "run").method == label

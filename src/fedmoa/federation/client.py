@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import random
@@ -300,16 +301,30 @@ def local_noise_std(privacy: PrivacyConfig, rounds: int) -> float:
     """Local DP: ``z·2C``, the std that covers replacing one clipped update by any other; ``z``
     spends ``target_epsilon`` over ``rounds`` releases of the client's own update (no
     amplification by sampling: the client knows it was sampled)."""
-    z = resolve_noise_multiplier(
-        privacy.noise_multiplier,
-        privacy.target_epsilon,
-        privacy.delta,
+    z = local_noise_multiplier(
+        privacy.noise_multiplier, privacy.target_epsilon, privacy.delta, rounds, privacy.accountant
+    )
+    return z * sensitivity(1.0, privacy.clip)
+
+
+@functools.lru_cache(maxsize=16)
+def local_noise_multiplier(
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    delta: float,
+    rounds: int,
+    kind: str,
+) -> float:
+    """Cached: the search for a target's multiplier takes opacus seconds, every client round."""
+    return resolve_noise_multiplier(
+        noise_multiplier,
+        target_epsilon,
+        delta,
         sample_rate=1.0,
         rounds=rounds,
         releases=1,
-        kind=privacy.accountant,
+        kind=kind,
     )
-    return z * sensitivity(1.0, privacy.clip)
 
 
 def validation_indices(

@@ -145,10 +145,12 @@ class FederatedServer:
             REQUIRED_METRICS,
             rate_accuracy=self.method in TASK_ACCURACY_METHODS,
         )
-        if self.accountant is not None:  # central DP: a client's clip is not taken on trust
-            clip = self.accountant_clip
+        privacy = self.cfg.privacy
+        if self.accountant is not None and privacy is not None:
+            # central DP: a client's clip is not taken on trust
             accepted = [
-                dataclasses.replace(u, delta=clip_update(u.delta, clip)[0]) for u in accepted
+                dataclasses.replace(u, delta=clip_update(u.delta, privacy.clip)[0])
+                for u in accepted
             ]
         needed = min(server.min_clients, len(plan.starts))
         if len(accepted) < needed:
@@ -201,11 +203,6 @@ class FederatedServer:
         return result
 
     # -- privacy -------------------------------------------------------------------------
-    @property
-    def accountant_clip(self) -> float:
-        assert self.cfg.privacy is not None
-        return self.cfg.privacy.clip
-
     def add_privacy_noise(
         self,
         current: Adapter,

@@ -259,6 +259,7 @@ def _read_config(
     chosen = weighting.get("method", "auto") if isinstance(weighting, dict) else "auto"
     if isinstance(chosen, str) and chosen not in ("auto", resolve_method("auto", method)):
         method = f"{method}+{chosen}"  # e.g. fedavg+saw: its own row, not fedavg's
+    method += _variant_label(config)
     clients, primary = {}, {}
     for client in config.get("clients") or []:
         if isinstance(client, dict) and isinstance(client.get("id"), str):
@@ -267,3 +268,26 @@ def _read_config(
                 if isinstance(reward, dict) and reward.get("role") == "primary":
                     primary[client["id"]] = str(reward.get("name"))
     return method, seed, clients, primary
+
+
+def _variant_label(config: dict[str, Any]) -> str:
+    """``+gate`` and ``+dp(ε=8)``: settings that change what a method computes get their own
+    row, so runs with and without them can share one report and be paired seed by seed."""
+    label = ""
+    defaults = config.get("client_defaults") or {}
+    default_gate = (defaults.get("grpo") or {}).get("auxiliary_gate", "none")
+    gates = [
+        (client.get("grpo") or {}).get("auxiliary_gate", default_gate)
+        for client in config.get("clients") or []
+        if isinstance(client, dict)
+    ]
+    if any(gate not in (None, "none") for gate in gates):
+        label += "+gate"
+    privacy = config.get("privacy")
+    if isinstance(privacy, dict):
+        where = "" if privacy.get("where", "server") == "server" else ", local"
+        if privacy.get("target_epsilon") is not None:
+            label += f"+dp(ε={privacy['target_epsilon']:g}{where})"
+        else:
+            label += f"+dp(z={privacy.get('noise_multiplier')}{where})"
+    return label
