@@ -146,6 +146,8 @@ def test_a_private_run_clips_noises_and_accounts_every_round(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["privacy"]["epsilon"] == epsilons[-1]
     assert summary["privacy"]["delta"] == 1e-5
+    config = tmp_path / "experiment.toml"
+    assert_privacy_utility_reads_the_run(tmp_path / "run", config, rounds, clients)
 
     again, _ = run_embedded(private_experiment(tmp_path / "again"), tmp_path / "again-run")
     plain, _ = run_embedded(private_experiment(tmp_path / "plain", table=""), tmp_path / "p-run")
@@ -155,6 +157,30 @@ def test_a_private_run_clips_noises_and_accounts_every_round(tmp_path):
         not torch.equal(plain.server.state.global_adapter[k], v)
         for k, v in federation.server.state.global_adapter.items()
     )
+
+
+def assert_privacy_utility_reads_the_run(run, config, rounds, clients) -> None:
+    """benchmarks/privacy_utility.py: the noise's norm against the updates', from the records."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "privacy_utility.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(run), "--config", str(config), "--epsilons", "8"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    dim = clients[0]["bytes_up"] // 4
+    assert f"z = 0.8, d = {dim:,} LoRA parameters" in out
+    first = next(line.split() for line in out.splitlines() if line.startswith("    1 "))
+    assert float(first[1]) == pytest.approx(rounds[0]["privacy/epsilon"], abs=1e-3)
+    noise_norm = rounds[0]["privacy/noise_std/global"] * math.sqrt(dim)
+    assert float(first[3]) == pytest.approx(noise_norm, rel=1e-3)
+    norms = [c["privacy/update_norm"] for c in clients if c["round"] == 1]
+    assert float(first[4].rstrip(",")) == pytest.approx(sum(norms) / len(norms), abs=1e-3)
+    assert "epsilon 8: z = " in out
 
 
 def test_local_privacy_noises_each_update_on_its_client(tmp_path):
