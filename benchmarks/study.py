@@ -178,7 +178,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "seconds": round(seconds, 1)}) + "\n")  # fmt: skip
     finished = finished_runs(args.out, args.methods)
     command = [*FEDMOA, "report", *finished, "--output", str(args.out / "report")]
-    return subprocess.run(command, check=False).returncode
+    code = subprocess.run(command, check=False).returncode
+    runs, seconds = machine_time(args.out)
+    print(f"machine time of the {runs} runs timed in {args.out}: {seconds / 3600:.2f} h")
+    return code
+
+
+def machine_time(out: Path) -> tuple[int, float]:
+    """(runs, seconds) that ``timings.jsonl`` records: every start and resume, across sessions."""
+    path = out / "timings.jsonl"
+    if not path.is_file():
+        return 0, 0.0
+    timings = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    spent = [t for t in timings if t["action"] != "done before"]
+    return len({(t["method"], t["seed"]) for t in spent}), sum(t["seconds"] for t in spent)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,16 @@ def test_a_malformed_set_is_one_line_naming_it(capsys: pytest.CaptureFixture[str
         study.parse_args(["--set", "server.rounds"])
     assert exit_info.value.code == 2
     assert "--set 'server.rounds': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_machine_time_counts_every_start_and_resume_not_skips(tmp_path: Path) -> None:
+    study = load_study()
+    assert study.machine_time(tmp_path) == (0, 0.0)
+    lines = [
+        {"method": "fedavg", "seed": 0, "action": "ran", "seconds": 100.0},
+        {"method": "fedmoa", "seed": 0, "action": "ran", "seconds": 50.5},
+        {"method": "fedmoa", "seed": 0, "action": "resumed", "seconds": 20.0},
+        {"method": "fedavg", "seed": 0, "action": "done before", "seconds": 0.0},
+    ]
+    (tmp_path / "timings.jsonl").write_text("".join(json.dumps(t) + "\n" for t in lines))
+    assert study.machine_time(tmp_path) == (2, 170.5)
