@@ -3,11 +3,11 @@
 Why: client-level DP noise has a norm of ``std·sqrt(d)`` over a LoRA adapter of ``d``
 parameters, while a client's update has a norm of about the clip ``C``. Read from a finished
 ``[privacy]`` run (``metrics.jsonl``: each client's ``privacy/update_norm``, each round's
-``privacy/noise_std/global`` and ``privacy/epsilon``; ``resolved_config.json``), this prints
+``privacy/noise_std/global`` and ``privacy/epsilon``; ``config.toml``), this prints
 per round the noise's norm against the updates', and for each ``--epsilons`` the noise
 multiplier opacus gives the run's schedule and the number of equally weighted clients per
-round at which the noise's norm would fall to the mean update's (the most favourable case:
-the updates all point the same way).
+round at which the noise's norm would fall to a clipped update's (the most favourable case:
+every update at the clip, all pointing the same way).
 
     .venv/bin/python benchmarks/privacy_utility.py benchmarks/records/regime_study_dp8/fedavg-seed0 --epsilons 8 2
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import statistics
 import sys
@@ -25,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmoa.config import load_config, parse_config
+from fedmoa.config import load_config
 from fedmoa.federation.config import ExperimentConfig
 from fedmoa.federation.server import central_accountant
 from fedmoa.jsonl import iter_jsonl
@@ -38,18 +37,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a finished fedmoa run with a [privacy] table")
     parser.add_argument(
-        "--config", type=Path, help="the run's experiment file (default: RUN/resolved_config.json)"
+        "--config", type=Path, help="the run's experiment file (default: RUN/config.toml)"
     )
     parser.add_argument("--epsilons", nargs="+", type=float, default=[8.0, 2.0])
     return parser.parse_args(argv)
 
 
 def read_run(run: Path, source: Path | None) -> tuple[ExperimentConfig, list[dict[str, Any]]]:
-    if source is None:
-        source = run / "resolved_config.json"
-        config = parse_config(json.loads(source.read_text()), ExperimentConfig, str(source))
-    else:
-        config = load_config(source, ExperimentConfig)
+    config = load_config(source or run / "config.toml", ExperimentConfig)
     if config.privacy is None or config.privacy.where != "server":
         raise SystemExit(f"{run}: the run has no central [privacy] table")
     return config, [record for _, record in iter_jsonl(run / "metrics.jsonl")]
@@ -66,9 +61,11 @@ def noise_multiplier(config: ExperimentConfig, epsilon: float | None = None) -> 
     return accountant.noise_multiplier, accountant.sample_rate
 
 
-def clients_for_parity(z: float, clip: float, dim: int, update_norm: float) -> float:
-    """K at which noise of std ``z·2C/K`` over ``dim`` values has the mean update's norm."""
-    return z * sensitivity(1.0, clip) * math.sqrt(dim) / update_norm
+def clients_for_parity(z: float, dim: int) -> float:
+    """K at which noise of std ``z·2C/K`` over ``dim`` values has the norm ``C`` of a clipped
+    update: ``2·z·sqrt(dim)``, whatever ``C`` (the most favourable case, every update at the
+    clip and all pointing the same way)."""
+    return z * sensitivity(1.0, 1.0) * math.sqrt(dim)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,13 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{r:5d}  {rounds[r]['privacy/epsilon']:7.3f}  {std:9.4g}  {noise_norm:10.4g}  "
               f"{mean_norm:17.3f}, {max(norms[r]):.3f}  {clipped:>9d}/{len(norms[r])}  "
               f"{noise_norm / statistics.fmean(min(n, clip) for n in norms[r]):19.0f}x")  # fmt: skip
-    mean_update = statistics.fmean(min(n, clip) for r in norms for n in norms[r])
-    print(f"\nequally weighted clients per round for noise norm = mean clipped update norm "
-          f"({mean_update:.3f}), same schedule and q:")  # fmt: skip
+    print("\nequally weighted clients per round at which the noise's norm falls to a clipped "
+          "update's (2·z·sqrt(d)), same schedule and q:")  # fmt: skip
     for epsilon in args.epsilons:
         z_eps, _ = noise_multiplier(config, epsilon)
-        k = clients_for_parity(z_eps, clip, dim, mean_update)
-        print(f"  epsilon {epsilon:g}: z = {z_eps:.4g}, K = {k:,.0f} clients per round")
+        print(f"  epsilon {epsilon:g}: z = {z_eps:.4g}, K = {clients_for_parity(z_eps, dim):,.0f}")
     return 0
 
 
