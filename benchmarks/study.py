@@ -110,16 +110,17 @@ def run_config(base: dict[str, Any], args: argparse.Namespace, method: str, seed
     cfg.setdefault("server", {})["method"] = server_method
     if weighting:
         cfg.setdefault("weighting", {})["method"] = weighting
-    # fedmoa's own anchoring: data files, reward and check files, in clients and defaults
-    cfg = anchor_paths(cfg, args.config.resolve().parent)
-    if "client_defaults" in cfg:
-        cfg["client_defaults"] = anchor_paths(cfg["client_defaults"], args.config.resolve().parent)
     if args.rounds is not None:
         cfg["server"]["rounds"] = args.rounds
     if args.model is not None:
         cfg.setdefault("model", {})["name"] = args.model
     for path, value in args.overrides:
         apply_override(cfg, path, value)
+    # fedmoa's own anchoring: data files, reward and check files, in clients and defaults
+    # (a path given with --set is relative to the study file too)
+    cfg = anchor_paths(cfg, args.config.resolve().parent)
+    if "client_defaults" in cfg:
+        cfg["client_defaults"] = anchor_paths(cfg["client_defaults"], args.config.resolve().parent)
     return cfg
 
 

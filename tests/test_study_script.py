@@ -161,6 +161,15 @@ def test_set_overrides_win_and_land_in_the_runs_config(tmp_path: Path) -> None:
     assert cfg["client_defaults"]["grpo"]["auxiliary_gate"] == "primary_success"
     assert cfg["model"]["name"] == "smollm2-135m"  # a bare word is a string
     assert base["server"]["validation_prompts"] == 8
+    # a path given with --set is relative to the study file, as the file's own paths are
+    args = study.parse_args(
+        ["--config", str(tmp_path / "cfg" / "study.toml"),
+         "--set", "client_defaults.data.path=tasks.jsonl"]
+    )  # fmt: skip
+    cfg = study.run_config({"client_defaults": {"data": {"source": "jsonl"}}}, args, "fedavg", 1)
+    assert cfg["client_defaults"]["data"]["path"] == str(
+        (tmp_path / "cfg" / "tasks.jsonl").resolve()
+    )
 
 
 def test_a_malformed_set_is_one_line_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
