@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedmoa.config import load_config
 from fedmoa.federation.config import ExperimentConfig
 from fedmoa.federation.server import central_accountant
 from fedmoa.jsonl import iter_jsonl
 from fedmoa.privacy import sensitivity
-
-BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -73,13 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, records = read_run(args.run, args.config)
     privacy, server = config.privacy, config.server
     assert privacy is not None
+    # bytes on the wire per value, from the transport dtype as the client counts them
+    value_bytes = torch.empty((), dtype=getattr(torch, server.transport_dtype)).element_size()
     norms: dict[int, list[float]] = defaultdict(list)
     rounds: dict[int, dict[str, Any]] = {}
     dim = 0
     for record in records:
         if "client" in record and "privacy/update_norm" in record:
             norms[record["round"]].append(record["privacy/update_norm"])
-            dim = record["bytes_up"] // BYTES_PER_VALUE[server.transport_dtype]
+            dim = record["bytes_up"] // value_bytes
         elif record.get("type") == "round" and "privacy/noise_std/global" in record:
             rounds[record["round"]] = record
     if not rounds or not dim:
