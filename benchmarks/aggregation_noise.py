@@ -16,12 +16,15 @@ and ``g = 0.2`` (trained accuracy ``p``):
   Target: its share is below every peer's in ≥ 90% of draws at ``V = 16``.
 * ``easier``: the same useless update on an easier validation set (``s = p + 0.1``): its
   trained accuracy ``p + 0.1`` is *above* its peers'. Target as for ``worse``.
+* ``collapsed``: one update turns every right answer wrong (``down = 1``, gain ``−s``), as
+  ``sums-b``'s did in the study. Target as for ``worse``; the ``excluded`` columns count the
+  draws where the harm test gave a client 0 (for ``equal``, a false exclusion).
 
 Rules side by side: the paper's ``softmax`` (``exp(a_k/T_acc)`` on this round's ``a_k``), the
 ``noise-aware`` rule with ``ρ = 0`` (this round's outcomes only) and with the default ρ, all
 three on the first ``V`` rows of the split every round, and the ``gain`` rule (paired
 ``after − before`` on ``V`` of the split's ``M`` rows drawn afresh each round) with ``ρ = 0``
-and the default ρ. The ``bound`` column is the best any rule that sees only this round's
+and the default ρ, and the default ρ with the harm test (``--harm-z``). The ``bound`` column is the best any rule that sees only this round's
 trained accuracies can do in ``worse``: the chance that the worse client's ``a_k`` is strictly
 below every peer's.
 
@@ -57,18 +60,19 @@ TARGET = 0.90
 GAP = 0.2  # the peers' true gain; the worse client's is 0
 DOWN = 0.1  # chance that an update turns a right answer wrong
 EASIER = 0.3  # how much easier the ``easier`` client's validation set is than its peers'
-SCENARIOS = ("equal", "worse", "easier")
+SCENARIOS = ("equal", "worse", "easier", "collapsed")
 
 
 @dataclass(frozen=True)
 class SimulatedClient:
     start: float  # accuracy of the start adapter on the client's validation split
     gain: float  # true gain of the client's update
+    down: float = DOWN  # chance that the update turns a right answer wrong
 
     @property
     def up(self) -> float:
         """Chance that the update turns a wrong answer right, for a trained accuracy s + g."""
-        return (self.gain + DOWN * self.start) / (1.0 - self.start)
+        return (self.gain + self.down * self.start) / (1.0 - self.start)
 
 
 def scenario(name: str, p: float, clients: int) -> list[SimulatedClient]:
@@ -78,17 +82,19 @@ def scenario(name: str, p: float, clients: int) -> list[SimulatedClient]:
         "equal": peer,
         "worse": SimulatedClient(p - GAP, 0.0),
         "easier": SimulatedClient(p - GAP + EASIER, 0.0),
+        "collapsed": SimulatedClient(p - GAP, GAP - p, down=1.0),
     }[name]
     return [odd] + [peer] * (clients - 1)
 
 
-def rules(defaults: TaskAccuracySettings) -> dict[str, TaskAccuracySettings]:
+def rules(defaults: TaskAccuracySettings, harm_z: float) -> dict[str, TaskAccuracySettings]:
     return {
         "softmax": replace(defaults, rule="softmax"),
         "noise-aware ρ=0": replace(defaults, rule="noise-aware", memory=0.0),
         f"noise-aware ρ={defaults.memory:g}": replace(defaults, rule="noise-aware"),
         "gain ρ=0": replace(defaults, rule="gain", memory=0.0),
         f"gain ρ={defaults.memory:g}": replace(defaults, rule="gain"),
+        f"gain ρ={defaults.memory:g} z={harm_z:g}": replace(defaults, rule="gain", harm_z=harm_z),
     }
 
 
@@ -106,9 +112,10 @@ def simulate(
     shape = (draws, rounds, len(ids), validation_size)
     start = np.array([c.start for c in clients])[:, None]
     up = np.array([c.up for c in clients])[:, None]
+    down = np.array([c.down for c in clients])[:, None]
     before = rng.random(shape) < start
     flip = rng.random(shape)
-    after = np.where(before, flip >= DOWN, flip < up)
+    after = np.where(before, flip >= down, flip < up)
     paired = settings.rule == "gain"
     if paired:  # V of the split's M rows, drawn afresh per round and client
         rows = rng.random((draws, rounds, len(ids), split_size)).argsort(axis=-1)
@@ -162,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for clients in args.clients:
         for p in args.accuracy:
             for v in args.validation_sizes:
-                for name, settings in rules(defaults).items():
+                for name, settings in rules(defaults, args.harm_z).items():
                     for rounds in sorted({1, args.rounds}):
                         cell: dict[str, Any] = {
                             "clients": clients,
@@ -181,6 +188,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 args.draws,
                                 rng,
                             )
+                            # equal: any client (a false exclusion); else the odd one
+                            watched = shares if kind == "equal" else shares[:, :1]
+                            cell[f"{kind}_excluded"] = float((watched == 0).any(axis=1).mean())
                             if kind == "equal":
                                 low, high = (b / clients for b in EQUAL_BAND)
                                 inside = (shares >= low) & (shares <= high)
@@ -201,28 +211,33 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
         f"settings: T_acc {args.t_acc:g}, κ {args.noise_scale:g}, ρ {args.memory:g}; "
         f"{args.draws} draws per cell, shares after round 1 and round {args.rounds}",
         f"targets: equal: every share in [{EQUAL_BAND[0]:g}/K, {EQUAL_BAND[1]:g}/K] in ≥ {TARGET:.0%} "
-        f"of draws at every V; worse and easier (gain {GAP:g} below its peers'): below every "
-        f"peer in ≥ {TARGET:.0%} at V = 16; gain rules draw V of {args.split_size} rows",
+        f"of draws at every V; worse, easier and collapsed (gain {GAP:g} below its peers', or "
+        f"every right answer turned wrong): below every peer in ≥ {TARGET:.0%} at V = 16; gain "
+        f"rules draw V of {args.split_size} rows; 'excl': draws where a client got 0 (the harm "
+        f"test, z = {args.harm_z:g})",
         "",
-        f"{'K':>2} {'p':>4} {'V':>3} {'rule':<18} {'round':>5} {'equal in band':>14} "
-        f"{'worse below':>12} {'worse share':>12} {'easier below':>13} {'easier share':>13} "
-        f"{'bound':>6}",
+        f"{'K':>2} {'p':>4} {'V':>3} {'rule':<20} {'round':>5} {'equal in band':>14} "
+        f"{'equal excl':>10} {'worse below':>12} {'worse share':>12} {'worse excl':>10} "
+        f"{'easier below':>13} {'easier share':>13} {'collapsed below':>16} "
+        f"{'collapsed share':>16} {'collapsed excl':>15} {'bound':>6}",
     ]
     for c in results["cells"]:
         lines.append(
-            f"{c['clients']:>2} {c['p']:>4.2f} {c['V']:>3} {c['rule']:<18} {c['rounds']:>5} "
-            f"{c['equal_in_band']:>14.3f} {c['worse_below_peers']:>12.3f} "
-            f"{c['worse_mean_share']:>12.3f} {c['easier_below_peers']:>13.3f} "
-            f"{c['easier_mean_share']:>13.3f} {c['bound']:>6.3f}"
+            f"{c['clients']:>2} {c['p']:>4.2f} {c['V']:>3} {c['rule']:<20} {c['rounds']:>5} "
+            f"{c['equal_in_band']:>14.3f} {c['equal_excluded']:>10.3f} "
+            f"{c['worse_below_peers']:>12.3f} {c['worse_mean_share']:>12.3f} "
+            f"{c['worse_excluded']:>10.3f} {c['easier_below_peers']:>13.3f} "
+            f"{c['easier_mean_share']:>13.3f} {c['collapsed_below_peers']:>16.3f} "
+            f"{c['collapsed_mean_share']:>16.3f} {c['collapsed_excluded']:>15.3f} {c['bound']:>6.3f}"
         )
     lines.append("")
-    for name in rules(TaskAccuracySettings(memory=args.memory)):
+    for name in rules(TaskAccuracySettings(memory=args.memory), args.harm_z):
         mine = [c for c in results["cells"] if c["rule"] == name and c["rounds"] == args.rounds]
         equal_ok = all(c["equal_in_band"] >= TARGET for c in mine)
         at16 = [c for c in mine if c["V"] == 16]
         lowest = min((c["equal_in_band"] for c in mine), default=float("nan"))
         verdicts = [f"equal target {'met' if equal_ok else 'MISSED'} (lowest {lowest:.3f})"]
-        for kind in ("worse", "easier"):
+        for kind in ("worse", "easier", "collapsed"):
             weakest = min((c[f"{kind}_below_peers"] for c in at16), default=float("nan"))
             met = bool(at16) and weakest >= TARGET
             verdicts.append(
@@ -243,6 +258,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--noise-scale", type=float, default=TaskAccuracySettings.noise_scale)
     parser.add_argument("--memory", type=float, default=TaskAccuracySettings.memory)
     parser.add_argument("--split-size", type=int, default=40, help="validation rows M")
+    parser.add_argument("--harm-z", type=float, default=2.33, help="z of the harm test's rule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="200 draws, 2 clients, p = 0.5")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")

@@ -206,7 +206,14 @@ def test_aggregation_noise_smoke_prints_every_rule_and_the_bound(tmp_path: Path)
     figures = run_smoke("aggregation_noise.py", tmp_path, threads=False)  # no torch compute
     cells = figures["cells"]
     rules = {c["rule"] for c in cells}
-    assert rules == {"softmax", "noise-aware ρ=0", "noise-aware ρ=0.5", "gain ρ=0", "gain ρ=0.5"}
+    assert rules == {
+        "softmax",
+        "noise-aware ρ=0",
+        "noise-aware ρ=0.5",
+        "gain ρ=0",
+        "gain ρ=0.5",
+        "gain ρ=0.5 z=2.33",
+    }
     assert {c["V"] for c in cells} == {4, 8, 16} and {c["rounds"] for c in cells} == {1, 6}
     for c in cells:
         for key in ("equal_in_band", "worse_below_peers", "easier_below_peers"):
@@ -225,6 +232,13 @@ def test_aggregation_noise_smoke_prints_every_rule_and_the_bound(tmp_path: Path)
         > 0.5
         > at16["noise-aware ρ=0.5"]["easier_below_peers"]
     )
+    # The harm test: a collapsed update (every right answer turned wrong) keeps about a third of
+    # its task under the tempered weights alone and is excluded in most draws with the test,
+    # while equal clients, whose updates help, are never excluded.
+    harm = at16["gain ρ=0.5 z=2.33"]
+    assert at16["gain ρ=0.5"]["collapsed_mean_share"] > 0.2 > 0.1 > harm["collapsed_mean_share"]
+    assert harm["collapsed_excluded"] > 0.7 and at16["gain ρ=0.5"]["collapsed_excluded"] == 0
+    assert all(c["equal_excluded"] == 0 for c in cells)
 
 
 def test_reward_hacking_smoke_scores_every_case_and_task_twice(tmp_path: Path) -> None:

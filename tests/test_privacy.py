@@ -58,14 +58,19 @@ def test_the_noise_std_is_the_multiplier_times_the_derived_sensitivity():
     assert torch.equal(noisy["w"], again["w"])  # a seeded server draws the same noise
 
 
-@pytest.mark.parametrize("rule", ["softmax", "noise-aware", "gain"])
-def test_a_capped_accuracy_share_bounds_what_one_client_moves(rule):
+@pytest.mark.parametrize(
+    ("rule", "harm_z"), [("softmax", None), ("noise-aware", None), ("gain", None), ("gain", 0.5)]
+)
+def test_a_capped_accuracy_share_bounds_what_one_client_moves(rule, harm_z):
     """Replacing one client's update and report moves each task's aggregate by at most
     ``2·w_max·C`` with ``w_max = max(cap, 1/K)``, over random reports and updates, under every
     rule as the server runs it with DP (``worst_case_prompts``: the others only rescale in
-    proportion); the bound is reached within a factor 2."""
+    proportion), and with the harm test (an excluded client's weight goes to the others, never
+    past the cap); the bound is reached within a factor 2."""
     clip, cap, k, v = 1.0, 0.4, 4, 8
-    settings = TaskAccuracySettings(rule=rule, max_client_share=cap, worst_case_prompts=v)
+    settings = TaskAccuracySettings(
+        rule=rule, max_client_share=cap, worst_case_prompts=v, harm_z=harm_z
+    )
     zero = {n: torch.zeros(s) for n, s in SHAPES.items()}
     rng = random.Random(0)
 
@@ -75,16 +80,19 @@ def test_a_capped_accuracy_share_bounds_what_one_client_moves(rule):
         accuracy = sum(a for *_, a in pairs) / v
         return ClientUpdate(cid, "t", 8, delta, accuracy, {}, v, pairs if rule == "gain" else ())
 
-    worst = 0.0
+    worst, exclusions = 0.0, 0
     for trial in range(300):
         updates = [client(f"c{i}", trial * 10 + i) for i in range(k)]
         swapped = [client("c0", 10_000 + trial), *updates[1:]]
-        a = task_accuracy_aggregate(zero, updates, settings).task_adapters["t"]
+        result = task_accuracy_aggregate(zero, updates, settings)
+        a = result.task_adapters["t"]
         b = task_accuracy_aggregate(zero, swapped, settings).task_adapters["t"]
         moved = update_norm({n: a[n] - b[n] for n in a})
         worst = max(worst, moved)
+        exclusions += sum(w == 0.0 for w in result.client_weights.values())
         assert moved <= sensitivity(max(cap, 1 / k), clip) + 1e-6
     assert worst > sensitivity(max(cap, 1 / k), clip) / 2
+    assert (exclusions > 100) == (harm_z is not None)  # the harm test did act
 
 
 def test_epsilon_is_opacus_rdp_for_the_composed_releases():

@@ -453,3 +453,13 @@ def test_gate_and_privacy_runs_get_rows_of_their_own(tmp_path, grpo, privacy, la
     config["privacy"] = privacy
     resolved.write_text(json.dumps(config))
     assert load_run(tmp_path / "run").method == label
+
+
+@pytest.mark.parametrize(("harm_z", "label"), [(None, "fedmoa"), (2.33, "fedmoa+harm(z=2.33)")])
+def test_harm_test_runs_get_rows_of_their_own(tmp_path, harm_z, label):
+    shutil.copytree(RUNS / "fedmoa-s0", tmp_path / "run")
+    resolved = tmp_path / "run" / "resolved_config.json"
+    config = json.loads(resolved.read_text())
+    config["server"]["accuracy_harm_z"] = harm_z
+    resolved.write_text(json.dumps(config))
+    assert load_run(tmp_path / "run").method == label

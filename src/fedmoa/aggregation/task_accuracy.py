@@ -20,8 +20,11 @@ specified in docs "Server: task- and accuracy-aware aggregation":
    ``T_τ = T_acc + κ·sqrt(q̄_τ/N̄_τ)`` with ``q̄_τ`` the pooled rate of prompts whose
    score changed and ``N̄_τ`` the mean number of distinct prompts: a hard validation
    set no longer passes for a bad update.
+   With ``harm_z = z`` (gain rule only) an update whose gain is significantly below
+   zero, ``ĝ_k + z·sqrt(q_k/N_k) < 0`` on its own record, gets ``α_k = 0`` and the others
+   share its weight: the tempered weights cannot act on an update that clearly hurts.
    An optional cap bounds any one client's ``α_k`` (docs/design.md, "Accuracy-aware
-   weights under sampling noise" and "The gain of an update");
+   weights under sampling noise", "The gain of an update" and "Excluding a harmful update");
 3. task update ``Δ_τ = Σ_{k∈C_τ} α_k Δθ_k``;
 4. task mix ``π_τ ∝ (Σ_{k∈C_τ} n_k)^γ``: γ = 0 gives every task the same share
    whatever its number of clients (tasks do not drown each other out),
@@ -80,6 +83,9 @@ class TaskAccuracySettings:
     # prompts, and a client without evidence gets a neutral value, so that no client's report
     # moves another's weight ratios (docs/design.md, "Differential privacy")
     worst_case_prompts: int = 0
+    # z of the one-sided harm test (rule "gain"): an update whose record's gain is below 0 by
+    # more than z standard errors gets no weight; None: off
+    harm_z: float | None = None
 
     def __post_init__(self) -> None:
         check_positive("t_acc", self.t_acc, allow_inf=True)  # math.inf = FedAvg within a task
@@ -98,6 +104,13 @@ class TaskAccuracySettings:
             raise ConfigError(
                 f"worst_case_prompts must be an integer ≥ 0, got {self.worst_case_prompts!r}"
             )
+        if self.harm_z is not None:
+            if not is_real(self.harm_z) or not 0 < self.harm_z < math.inf:
+                raise ConfigError(f"harm_z must be a finite number > 0, got {self.harm_z!r}")
+            if self.rule != "gain":
+                raise ConfigError(
+                    f"harm_z tests the paired gain: it needs rule 'gain', not {self.rule!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -176,11 +189,7 @@ def gain_weights(
     ``worst_case_prompts = V > 0``: ``T = T_acc + κ·sqrt(1/V)`` and a client without pairs
     gets gain 0, whatever the others report.
     """
-    evidence = evidence or {}
-    records = [
-        evidence.get(u.client_id) or accumulate_gain_evidence({}, [u], 0.0)[u.client_id]
-        for u in updates
-    ]
+    records = gain_records(updates, evidence or {})
     if worst_case_prompts > 0:
         gains = [r.gain_sum / r.weight if r.weight > 0 else 0.0 for r in records]
         temperature = t_acc + noise_scale * math.sqrt(1.0 / worst_case_prompts)
@@ -194,6 +203,33 @@ def gain_weights(
     sizes = [r.distinct for r in records if r.weight > 0]
     standard_error = math.sqrt(changed / (sum(sizes) / len(sizes)))
     return _tempered_weights(updates, gains, t_acc + noise_scale * standard_error)
+
+
+def gain_records(
+    updates: Sequence[ClientUpdate], evidence: Mapping[str, GainEvidence]
+) -> list[GainEvidence]:
+    """Each update's gain record: its client's in ``evidence``, else this round's pairs."""
+    return [
+        evidence.get(u.client_id) or accumulate_gain_evidence({}, [u], 0.0)[u.client_id]
+        for u in updates
+    ]
+
+
+def harmful(record: GainEvidence, z: float) -> bool:
+    """One-sided test of "this update does not lower the primary": ``ĝ + z·sqrt(q/N) < 0``.
+
+    Under ``g = 0``, ``Var d = E d² = E|d| = q`` for 0/1 scores (and ≤ q for rates), so
+    ``sqrt(q/N)`` is the standard error of the mean gain over ``N`` distinct prompts. ``q`` is
+    the client's own (Jeffreys-smoothed) rate of changed scores, not the task's: an update that
+    turns right answers wrong changes many, and the test must not borrow its peers' calm. Only
+    the client's own report enters, so one client cannot get another excluded (and the DP
+    bound holds). No pairs: no evidence, never harmful.
+    """
+    if record.weight <= 0:
+        return False
+    gain = record.gain_sum / record.weight
+    changed = (record.changed_sum + 0.5) / (record.weight + 1.0)
+    return gain + z * math.sqrt(changed / record.distinct) < 0
 
 
 def accumulate_evidence(
@@ -271,23 +307,27 @@ def noise_aware_weights(
     return _tempered_weights(updates, rates, t_acc + noise_scale * standard_error)
 
 
-def cap_shares(weights: Sequence[float], cap: float) -> list[float]:
+def cap_shares(
+    weights: Sequence[float], cap: float, excluded: Sequence[bool] | None = None
+) -> list[float]:
     """Clip each weight at ``max(cap, 1/K)`` and hand the excess to the others pro rata.
 
     Water-filling: a weight pushed over the cap by the redistribution is clipped in turn,
     so the result sums to 1 with every weight ≤ the cap and keeps the uncapped ones'
-    ratios.
+    ratios. ``excluded`` clients (weight 0) take none of the excess, and ``K`` still counts
+    them, so what the rest cannot take under the cap is left out (the weights then sum to
+    less than 1): the bound ``max(cap, 1/K)`` holds whoever is excluded.
     """
     cap = max(cap, 1.0 / len(weights))
     out = list(weights)
-    capped: set[int] = set()
+    capped: set[int] = {i for i, e in enumerate(excluded or ()) if e}
     while over := [i for i, w in enumerate(out) if i not in capped and w > cap]:
         capped.update(over)
-        free = [i for i in range(len(out)) if i not in capped]
-        left = 1.0 - cap * len(capped)
-        total = sum(weights[i] for i in free)
-        for i in capped:
+        for i in over:
             out[i] = cap
+        free = [i for i in range(len(out)) if i not in capped]
+        left = 1.0 - sum(out[i] for i in capped)
+        total = sum(weights[i] for i in free)
         for i in free:
             out[i] = left * weights[i] / total if total > 0 else left / len(free)
     return out
@@ -298,21 +338,33 @@ def within_task_weights(
     settings: TaskAccuracySettings,
     evidence: Mapping[str, AccuracyEvidence | GainEvidence] | None = None,
 ) -> list[float]:
-    """The α_k of one task's clients under ``settings`` (rule, then the cap)."""
+    """The α_k of one task's clients under ``settings`` (rule, harm test, then the cap)."""
     worst_case = settings.worst_case_prompts
+    excluded: list[bool] | None = None
     if settings.rule == "softmax":
         alphas = accuracy_weights(members, settings.t_acc, 0.5 if worst_case else None)
     elif settings.rule == "gain":
         gains = {k: e for k, e in (evidence or {}).items() if isinstance(e, GainEvidence)}
         alphas = gain_weights(members, settings.t_acc, settings.noise_scale, gains, worst_case)
+        if settings.harm_z is not None:
+            excluded = [harmful(r, settings.harm_z) for r in gain_records(members, gains)]
+            alphas = _without(alphas, excluded)
     else:
         records = {k: e for k, e in (evidence or {}).items() if isinstance(e, AccuracyEvidence)}
         alphas = noise_aware_weights(
             members, settings.t_acc, settings.noise_scale, records, worst_case
         )
-    return (
-        cap_shares(alphas, settings.max_client_share) if settings.max_client_share < 1 else alphas
-    )
+    if settings.max_client_share < 1:
+        return cap_shares(alphas, settings.max_client_share, excluded)
+    return alphas
+
+
+def _without(alphas: Sequence[float], excluded: Sequence[bool]) -> list[float]:
+    """The weights with the excluded set to 0 and the rest rescaled in proportion to sum to 1;
+    all 0 when every client is excluded (the task's update is then zero: it stays put)."""
+    kept = [0.0 if e else a for a, e in zip(alphas, excluded, strict=True)]
+    total = sum(kept)
+    return [a / total for a in kept] if total > 0 else kept
 
 
 def _tempered_weights(

@@ -77,6 +77,7 @@ SERVER_KEYS_READ: dict[str, frozenset[str]] = {
             "accuracy_rule",
             "accuracy_noise_scale",
             "accuracy_memory",
+            "accuracy_harm_z",
             "max_client_share",
             "gamma",
         ),
@@ -187,6 +188,10 @@ class ServerConfig:
     # κ: standard errors of a client's validation record added to the temperature
     accuracy_noise_scale: float = Field(5.0, ge=0, allow_inf_nan=False)
     accuracy_memory: float = Field(0.5, ge=0, lt=1)  # ρ: weight of earlier rounds' outcomes
+    # Harm test of the "gain" rule: an update whose paired gain is below 0 by more than this
+    # many of its own standard errors gets no weight in its task (one-sided; 2.33 ≈ 1%);
+    # none: off (docs/design.md, "Excluding a harmful update")
+    accuracy_harm_z: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_client_share: float = Field(1.0, gt=0, le=1)  # cap on α_k within a task; 1 = none
     # task-mix exponent: 0 gives every task an equal share, 1 weights tasks by samples
     gamma: float = Field(0.0, ge=0)
@@ -217,6 +222,15 @@ class ServerConfig:
     # float32), "float16"/"bfloat16" rounded to that dtype, half the bytes; the server keeps
     # and aggregates its adapters in their own dtype.
     transport_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _harm_test_needs_gain(self) -> ServerConfig:
+        if self.accuracy_harm_z is not None and self.accuracy_rule != "gain":
+            raise ValueError(
+                f"server.accuracy_harm_z tests the paired gain: it needs accuracy_rule = "
+                f"'gain', not {self.accuracy_rule!r}"
+            )
+        return self
 
 
 @dataclass(config=STRICT)

@@ -271,7 +271,7 @@ def _read_config(
 
 
 def _variant_label(config: dict[str, Any]) -> str:
-    """``+gate`` and ``+dp(ε=8)``: settings that change what a method computes get their own
+    """``+gate``, ``+harm(z=2.33)`` and ``+dp(ε=8)``: settings that change what a method computes get their own
     row, so runs with and without them can share one report and be paired seed by seed."""
     label = ""
     defaults = config.get("client_defaults") or {}
@@ -283,6 +283,9 @@ def _variant_label(config: dict[str, Any]) -> str:
     ]
     if any(gate not in (None, "none") for gate in gates):
         label += "+gate"
+    harm_z = (config.get("server") or {}).get("accuracy_harm_z")
+    if harm_z is not None:
+        label += f"+harm(z={harm_z:g})"
     privacy = config.get("privacy")
     if isinstance(privacy, dict):
         where = "" if privacy.get("where", "server") == "server" else ", local"
