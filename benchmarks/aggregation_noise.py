@@ -19,12 +19,19 @@ and ``g = 0.2`` (trained accuracy ``p``):
 * ``collapsed``: one update turns every right answer wrong (``down = 1``, gain ``−s``), as
   ``sums-b``'s did in the study. Target as for ``worse``; the ``excluded`` columns count the
   draws where the harm test gave a client 0 (for ``equal``, a false exclusion).
+* ``late``: a peer in every round but the last, where its update collapses (as ``code-a``'s
+  did at seed 1); ``excl``: draws where the harm test caught it in that round.
+* ``recovered``: collapsed in every round but the last, where it is a peer again (as
+  ``code-b`` at seed 2); ``excl``: draws where the test excluded its good update (a false
+  exclusion). These two tell the harm test's evidence apart: this round's pairs or the record
+  (docs/design.md, "Which pairs the harm test reads").
 
 Rules side by side: the paper's ``softmax`` (``exp(a_k/T_acc)`` on this round's ``a_k``), the
 ``noise-aware`` rule with ``ρ = 0`` (this round's outcomes only) and with the default ρ, all
 three on the first ``V`` rows of the split every round, and the ``gain`` rule (paired
 ``after − before`` on ``V`` of the split's ``M`` rows drawn afresh each round) with ``ρ = 0``
-and the default ρ, and the default ρ with the harm test (``--harm-z``). The ``bound`` column is the best any rule that sees only this round's
+and the default ρ, and the default ρ with the harm test (``--harm-z``) on this round's pairs,
+on the record and on either. The ``bound`` column is the best any rule that sees only this round's
 trained accuracies can do in ``worse``: the chance that the worse client's ``a_k`` is strictly
 below every peer's.
 
@@ -60,7 +67,7 @@ TARGET = 0.90
 GAP = 0.2  # the peers' true gain; the worse client's is 0
 DOWN = 0.1  # chance that an update turns a right answer wrong
 EASIER = 0.3  # how much easier the ``easier`` client's validation set is than its peers'
-SCENARIOS = ("equal", "worse", "easier", "collapsed")
+SCENARIOS = ("equal", "worse", "easier", "collapsed", "late", "recovered")
 
 
 @dataclass(frozen=True)
@@ -75,16 +82,19 @@ class SimulatedClient:
         return (self.gain + self.down * self.start) / (1.0 - self.start)
 
 
-def scenario(name: str, p: float, clients: int) -> list[SimulatedClient]:
-    """The ``K`` clients of a scenario; the odd one (if any) first."""
+def scenario(name: str, p: float, clients: int, rounds: int) -> list[list[SimulatedClient]]:
+    """The ``K`` clients of a scenario in each round; the odd one (if any) first."""
     peer = SimulatedClient(p - GAP, GAP)
+    collapsed = SimulatedClient(p - GAP, GAP - p, down=1.0)
     odd = {
-        "equal": peer,
-        "worse": SimulatedClient(p - GAP, 0.0),
-        "easier": SimulatedClient(p - GAP + EASIER, 0.0),
-        "collapsed": SimulatedClient(p - GAP, GAP - p, down=1.0),
+        "equal": [peer] * rounds,
+        "worse": [SimulatedClient(p - GAP, 0.0)] * rounds,
+        "easier": [SimulatedClient(p - GAP + EASIER, 0.0)] * rounds,
+        "collapsed": [collapsed] * rounds,
+        "late": [peer] * (rounds - 1) + [collapsed],
+        "recovered": [collapsed] * (rounds - 1) + [peer],
     }[name]
-    return [odd] + [peer] * (clients - 1)
+    return [[client] + [peer] * (clients - 1) for client in odd]
 
 
 def rules(defaults: TaskAccuracySettings, harm_z: float) -> dict[str, TaskAccuracySettings]:
@@ -95,11 +105,17 @@ def rules(defaults: TaskAccuracySettings, harm_z: float) -> dict[str, TaskAccura
         "gain ρ=0": replace(defaults, rule="gain", memory=0.0),
         f"gain ρ={defaults.memory:g}": replace(defaults, rule="gain"),
         f"gain ρ={defaults.memory:g} z={harm_z:g}": replace(defaults, rule="gain", harm_z=harm_z),
+        **{
+            f"gain ρ={defaults.memory:g} z={harm_z:g} {read}": replace(
+                defaults, rule="gain", harm_z=harm_z, harm_evidence=read
+            )
+            for read in ("record", "either")
+        },
     }
 
 
 def simulate(
-    clients: Sequence[SimulatedClient],
+    clients: Sequence[Sequence[SimulatedClient]],
     validation_size: int,
     split_size: int,
     settings: TaskAccuracySettings,
@@ -107,12 +123,13 @@ def simulate(
     draws: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Shares ``[draws, K]`` after ``rounds`` rounds of fresh validation outcomes."""
-    ids = [f"c{i}" for i in range(len(clients))]
+    """Shares ``[draws, K]`` after ``rounds`` rounds of fresh validation outcomes; ``clients``:
+    the K clients of each round."""
+    ids = [f"c{i}" for i in range(len(clients[0]))]
     shape = (draws, rounds, len(ids), validation_size)
-    start = np.array([c.start for c in clients])[:, None]
-    up = np.array([c.up for c in clients])[:, None]
-    down = np.array([c.down for c in clients])[:, None]
+    start = np.array([[c.start for c in r] for r in clients[:rounds]])[..., None]
+    up = np.array([[c.up for c in r] for r in clients[:rounds]])[..., None]
+    down = np.array([[c.down for c in r] for r in clients[:rounds]])[..., None]
     before = rng.random(shape) < start
     flip = rng.random(shape)
     after = np.where(before, flip >= down, flip < up)
@@ -180,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         }
                         for kind in SCENARIOS:
                             shares = simulate(
-                                scenario(kind, p, clients),
+                                scenario(kind, p, clients, rounds),
                                 v,
                                 args.split_size,
                                 settings,
@@ -191,6 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             # equal: any client (a false exclusion); else the odd one
                             watched = shares if kind == "equal" else shares[:, :1]
                             cell[f"{kind}_excluded"] = float((watched == 0).any(axis=1).mean())
+                            if kind in ("late", "recovered"):
+                                continue
                             if kind == "equal":
                                 low, high = (b / clients for b in EQUAL_BAND)
                                 inside = (shares >= low) & (shares <= high)
@@ -214,21 +233,24 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
         f"of draws at every V; worse, easier and collapsed (gain {GAP:g} below its peers', or "
         f"every right answer turned wrong): below every peer in ≥ {TARGET:.0%} at V = 16; gain "
         f"rules draw V of {args.split_size} rows; 'excl': draws where a client got 0 (the harm "
-        f"test, z = {args.harm_z:g})",
+        f"test, z = {args.harm_z:g}); late: a peer that collapses in the last round (excl: "
+        f"caught), recovered: collapsed until the last round, a peer in it (excl: a false one)",
         "",
-        f"{'K':>2} {'p':>4} {'V':>3} {'rule':<20} {'round':>5} {'equal in band':>14} "
+        f"{'K':>2} {'p':>4} {'V':>3} {'rule':<24} {'round':>5} {'equal in band':>14} "
         f"{'equal excl':>10} {'worse below':>12} {'worse share':>12} {'worse excl':>10} "
         f"{'easier below':>13} {'easier share':>13} {'collapsed below':>16} "
-        f"{'collapsed share':>16} {'collapsed excl':>15} {'bound':>6}",
+        f"{'collapsed share':>16} {'collapsed excl':>15} {'late excl':>10} "
+        f"{'recovered excl':>15} {'bound':>6}",
     ]
     for c in results["cells"]:
         lines.append(
-            f"{c['clients']:>2} {c['p']:>4.2f} {c['V']:>3} {c['rule']:<20} {c['rounds']:>5} "
+            f"{c['clients']:>2} {c['p']:>4.2f} {c['V']:>3} {c['rule']:<24} {c['rounds']:>5} "
             f"{c['equal_in_band']:>14.3f} {c['equal_excluded']:>10.3f} "
             f"{c['worse_below_peers']:>12.3f} {c['worse_mean_share']:>12.3f} "
             f"{c['worse_excluded']:>10.3f} {c['easier_below_peers']:>13.3f} "
             f"{c['easier_mean_share']:>13.3f} {c['collapsed_below_peers']:>16.3f} "
-            f"{c['collapsed_mean_share']:>16.3f} {c['collapsed_excluded']:>15.3f} {c['bound']:>6.3f}"
+            f"{c['collapsed_mean_share']:>16.3f} {c['collapsed_excluded']:>15.3f} "
+            f"{c['late_excluded']:>10.3f} {c['recovered_excluded']:>15.3f} {c['bound']:>6.3f}"
         )
     lines.append("")
     for name in rules(TaskAccuracySettings(memory=args.memory), args.harm_z):
@@ -243,7 +265,7 @@ def format_report(args: argparse.Namespace, argv: Sequence[str], results: dict[s
             verdicts.append(
                 f"{kind} target {'met' if met else 'MISSED'} (lowest at V = 16: {weakest:.3f})"
             )
-        lines.append(f"{name:<18} round {args.rounds}: " + "; ".join(verdicts))
+        lines.append(f"{name:<24} round {args.rounds}: " + "; ".join(verdicts))
     return "\n".join(lines)
 
 

@@ -213,6 +213,8 @@ def test_aggregation_noise_smoke_prints_every_rule_and_the_bound(tmp_path: Path)
         "gain ρ=0",
         "gain ρ=0.5",
         "gain ρ=0.5 z=2.33",
+        "gain ρ=0.5 z=2.33 record",
+        "gain ρ=0.5 z=2.33 either",
     }
     assert {c["V"] for c in cells} == {4, 8, 16} and {c["rounds"] for c in cells} == {1, 6}
     for c in cells:
@@ -233,12 +235,19 @@ def test_aggregation_noise_smoke_prints_every_rule_and_the_bound(tmp_path: Path)
         > at16["noise-aware ρ=0.5"]["easier_below_peers"]
     )
     # The harm test: a collapsed update (every right answer turned wrong) keeps about a third of
-    # its task under the tempered weights alone and is excluded in most draws with the test,
-    # while equal clients, whose updates help, are never excluded.
-    harm = at16["gain ρ=0.5 z=2.33"]
-    assert at16["gain ρ=0.5"]["collapsed_mean_share"] > 0.2 > 0.1 > harm["collapsed_mean_share"]
-    assert harm["collapsed_excluded"] > 0.7 and at16["gain ρ=0.5"]["collapsed_excluded"] == 0
-    assert all(c["equal_excluded"] == 0 for c in cells)
+    # its task under the tempered weights alone. At V = 16 one round's pairs catch it in about
+    # a third of draws; the record, pooling six rounds of collapses, in most, but never one that
+    # follows good rounds (late); either test catches both. Equal clients are never excluded,
+    # nor a recovered client's good update.
+    plain, now, record, either = (
+        at16[f"gain ρ=0.5{read}"] for read in ("", " z=2.33", " z=2.33 record", " z=2.33 either")
+    )
+    assert plain["collapsed_mean_share"] > 0.2 and plain["collapsed_excluded"] == 0
+    assert record["collapsed_excluded"] > 0.7 and either["collapsed_excluded"] > 0.7
+    assert record["collapsed_mean_share"] < 0.1
+    assert record["late_excluded"] < 0.05 < 0.15 < now["late_excluded"]
+    assert either["late_excluded"] > 0.15
+    assert all(c["equal_excluded"] == 0 and c["recovered_excluded"] < 0.05 for c in cells)
 
 
 def test_reward_hacking_smoke_scores_every_case_and_task_twice(tmp_path: Path) -> None:

@@ -1,12 +1,14 @@
 """The gain rule's harm test: an update whose paired gain is significantly below zero gets no weight.
 
-``ĝ_k + z·sqrt(q_k/N_k) < 0`` on the client's own record (docs/design.md, "Excluding a harmful
-update"); the cases are computed by hand from that formula.
+``ĝ_k + z·sqrt(q_k/N_k) < 0`` on this round's pairs of the update, or on its client's record
+(docs/design.md, "Excluding a harmful update" and "Which pairs the harm test reads"); the cases
+are computed by hand from that formula.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from fedmoa.aggregation import (
     within_task_weights,
 )
 from fedmoa.errors import ConfigError
-from fedmoa.federation.config import ServerConfig
+from fedmoa.federation.config import ServerConfig, load_experiment
 from fedmoa.federation.server import task_accuracy_settings
 from test_gain_rule import ADAPTER, pairs, update
 
@@ -70,7 +72,11 @@ def test_a_harmful_update_gets_nothing_and_the_others_keep_their_ratios():
     assert within_task_weights(updates, TaskAccuracySettings()) == plain
 
 
-def test_the_test_reads_the_record_across_rounds():
+RECORD = TaskAccuracySettings(harm_z=2.33, harm_evidence="record")
+EITHER = TaskAccuracySettings(harm_z=2.33, harm_evidence="either")
+
+
+def test_the_record_sums_evidence_across_rounds():
     """Two rounds of -3 of 8 (ρ = 0.5, fresh rows): alone neither is evidence, together they are."""
     first = update("bad", pairs([1.0] * 3 + [0.0] * 5, [0.0] * 8))
     second = update("bad", pairs([1.0] * 3 + [0.0] * 5, [0.0] * 8, first_row=8))
@@ -78,6 +84,49 @@ def test_the_test_reads_the_record_across_rounds():
     two = accumulate_gain_evidence(one, [second], 0.5)
     assert not harmful(one["bad"], 1.8)
     assert harmful(two["bad"], 1.8)
+    peer = update("peer", pairs([0.0] * 8, [0.0] * 8))
+    record = replace(RECORD, harm_z=1.8)
+    assert within_task_weights([second, peer], record, two)[0] == 0.0
+    # the default reads this round's pairs only: -3 of 8 is not evidence on its own
+    assert within_task_weights([second, peer], replace(record, harm_evidence="round"), two)[0] > 0
+
+
+def two_rounds(first: list[tuple[float, float]], second: list[tuple[float, float]]):
+    """Round 2's update of client "a" (32 rows, the same each round) and its record (ρ = ½)."""
+    one = update("a", pairs(*map(list, zip(*first, strict=True))))
+    two = update("a", pairs(*map(list, zip(*second, strict=True))))
+    record = accumulate_gain_evidence(accumulate_gain_evidence({}, [one], 0.5), [two], 0.5)
+    peer = update("peer", pairs([0.0] * 32, [0.0] * 32))
+    return [two, peer], record
+
+
+def test_a_fresh_collapse_behind_a_good_round_is_excluded():
+    """Study seed 1, round 2: a client that gained in round 1 turns 13 of 22 right answers wrong.
+
+    This round: ĝ = -13/32, q = 13.5/33, z = -3.59. Its record (round 1's +8 at ρ = ½): Σd = -9
+    over Σw = 48, Σ|d| = 17, N = 32: z = -0.1875/sqrt((17.5/49)/32) = -1.78, no evidence.
+    """
+    first = [(0.0, 1.0)] * 8 + [(1.0, 1.0)] * 16 + [(0.0, 0.0)] * 8
+    second = [(1.0, 0.0)] * 13 + [(1.0, 1.0)] * 9 + [(0.0, 0.0)] * 10
+    updates, record = two_rounds(first, second)
+    assert -0.1875 / math.sqrt((17.5 / 49) / 32) == pytest.approx(-1.78, abs=0.01)
+    assert within_task_weights(updates, HARM, record) == [0.0, 1.0]
+    assert within_task_weights(updates, RECORD, record)[0] > 0.1
+    assert within_task_weights(updates, EITHER, record) == [0.0, 1.0]
+
+
+def test_a_mild_update_after_a_collapse_is_not_excluded():
+    """Study seed 2, round 2: after round 1's collapse (20 right answers lost) the update loses
+    3 of 30. This round: z = -(3/32)/sqrt((3.5/33)/32) = -1.63. The record still carries round
+    1: Σd = -13, Σw = 48, Σ|d| = 13: z = -2.92, and excludes it."""
+    first = [(1.0, 0.0)] * 20 + [(0.0, 0.0)] * 12
+    second = [(1.0, 1.0)] * 27 + [(1.0, 0.0)] * 3 + [(0.0, 0.0)] * 2
+    updates, record = two_rounds(first, second)
+    assert -(3 / 32) / math.sqrt((3.5 / 33) / 32) == pytest.approx(-1.63, abs=0.01)
+    assert (-13 / 48) / math.sqrt((13.5 / 49) / 32) == pytest.approx(-2.92, abs=0.01)
+    assert within_task_weights(updates, HARM, record)[0] > 0.1
+    assert within_task_weights(updates, RECORD, record)[0] == 0.0
+    assert within_task_weights(updates, EITHER, record)[0] == 0.0
 
 
 def test_a_task_whose_every_update_is_harmful_stays_put():
@@ -124,3 +173,30 @@ def test_the_server_key_reaches_the_rule_and_bad_values_are_refused():
         TaskAccuracySettings(rule="softmax", harm_z=2.0)
     with pytest.raises(ConfigError, match="harm_z must be a finite number > 0"):
         TaskAccuracySettings(harm_z=math.nan)
+
+
+def test_the_evidence_key_reaches_the_rule_and_is_refused_without_the_test(tmp_path):
+    settings = task_accuracy_settings(
+        ServerConfig(accuracy_harm_z=2.33, accuracy_harm_evidence="record")
+    )
+    assert settings.harm_evidence == "record"
+    assert task_accuracy_settings(ServerConfig()).harm_evidence == "round"
+    with pytest.raises(ValidationError, match="accuracy_harm_evidence"):
+        ServerConfig(accuracy_harm_evidence="record")
+    with pytest.raises(ValidationError, match="accuracy_harm_evidence"):
+        ServerConfig(accuracy_harm_z=2.33, accuracy_harm_evidence="both")
+    with pytest.raises(ConfigError, match="harm_evidence must be one of round, record, either"):
+        TaskAccuracySettings(harm_z=2.33, harm_evidence="pooled")
+    # set in a file without the test it would do nothing: one line naming the key
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[server]\nmethod = "fedmoa"\nnum_clients = 2\naccuracy_harm_evidence = "round"\n'
+    )
+    with pytest.raises(ConfigError, match=r"run\.toml: server\.accuracy_harm_evidence .* set "
+                       r"server\.accuracy_harm_z"):  # fmt: skip
+        load_experiment(config)
+    config.write_text(
+        '[server]\nmethod = "fedmoa"\nnum_clients = 2\naccuracy_harm_z = 2.33\n'
+        'accuracy_harm_evidence = "record"\n'
+    )
+    assert task_accuracy_settings(load_experiment(config).server).harm_evidence == "record"

@@ -455,11 +455,33 @@ def test_gate_and_privacy_runs_get_rows_of_their_own(tmp_path, grpo, privacy, la
     assert load_run(tmp_path / "run").method == label
 
 
-@pytest.mark.parametrize(("harm_z", "label"), [(None, "fedmoa"), (2.33, "fedmoa+harm(z=2.33)")])
-def test_harm_test_runs_get_rows_of_their_own(tmp_path, harm_z, label):
+@pytest.mark.parametrize(
+    ("server", "label"),
+    [
+        ({}, "fedmoa"),
+        ({"accuracy_harm_z": 2.33, "accuracy_harm_evidence": "round"}, "fedmoa+harm(z=2.33)"),
+        ({"accuracy_harm_z": 2.33, "accuracy_harm_evidence": "record"},
+         "fedmoa+harm(z=2.33, record)"),
+        ({"accuracy_harm_z": 2.33, "accuracy_harm_evidence": "either"},
+         "fedmoa+harm(z=2.33, either)"),
+        # a resolved config from before the key existed: the test read the record then
+        ({"accuracy_harm_z": 2.33}, "fedmoa+harm(z=2.33, record)"),
+    ],
+)  # fmt: skip
+def test_harm_test_runs_get_rows_of_their_own(tmp_path, server, label):
     shutil.copytree(RUNS / "fedmoa-s0", tmp_path / "run")
     resolved = tmp_path / "run" / "resolved_config.json"
     config = json.loads(resolved.read_text())
-    config["server"]["accuracy_harm_z"] = harm_z
+    config["server"].pop("accuracy_harm_evidence", None)
+    config["server"].update(server)
     resolved.write_text(json.dumps(config))
     assert load_run(tmp_path / "run").method == label
+
+
+def test_a_users_toml_without_the_evidence_key_has_the_default(tmp_path):
+    shutil.copytree(RUNS / "fedmoa-s0", tmp_path / "run")
+    (tmp_path / "run" / "resolved_config.json").unlink()
+    (tmp_path / "run" / "config.toml").write_text(
+        'seed = 0\n[server]\nmethod = "fedmoa"\naccuracy_harm_z = 2.33\n'
+    )
+    assert load_run(tmp_path / "run").method == "fedmoa+harm(z=2.33)"

@@ -21,8 +21,9 @@ specified in docs "Server: task- and accuracy-aware aggregation":
    score changed and ``N̄_τ`` the mean number of distinct prompts: a hard validation
    set no longer passes for a bad update.
    With ``harm_z = z`` (gain rule only) an update whose gain is significantly below
-   zero, ``ĝ_k + z·sqrt(q_k/N_k) < 0`` on its own record, gets ``α_k = 0`` and the others
-   share its weight: the tempered weights cannot act on an update that clearly hurts.
+   zero, ``ĝ_k + z·sqrt(q_k/N_k) < 0`` on this round's pairs (``harm_evidence = "round"``),
+   on its client's record (``"record"``) or on either (``"either"``), gets ``α_k = 0`` and
+   the others share its weight: the tempered weights cannot act on an update that clearly hurts.
    An optional cap bounds any one client's ``α_k`` (docs/design.md, "Accuracy-aware
    weights under sampling noise", "The gain of an update" and "Excluding a harmful update");
 3. task update ``Δ_τ = Σ_{k∈C_τ} α_k Δθ_k``;
@@ -66,6 +67,10 @@ from fedmoa.errors import ConfigError
 
 AccuracyRule = Literal["noise-aware", "softmax", "gain"]
 ACCURACY_RULES: tuple[AccuracyRule, ...] = ("noise-aware", "softmax", "gain")
+# What the harm test reads: this round's pairs (the update it judges), the client's record,
+# or both (excluded when either test fails)
+HarmEvidence = Literal["round", "record", "either"]
+HARM_EVIDENCE: tuple[HarmEvidence, ...] = ("round", "record", "either")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ class TaskAccuracySettings:
     # z of the one-sided harm test (rule "gain"): an update whose record's gain is below 0 by
     # more than z standard errors gets no weight; None: off
     harm_z: float | None = None
+    # "round": the test reads this round's pairs, the update it judges; "record": the
+    # client's discounted record, earlier updates included; "either": both tests, excluded
+    # when either fails (docs/design.md, "Which pairs the harm test reads")
+    harm_evidence: HarmEvidence = "round"
 
     def __post_init__(self) -> None:
         check_positive("t_acc", self.t_acc, allow_inf=True)  # math.inf = FedAvg within a task
@@ -111,6 +120,11 @@ class TaskAccuracySettings:
                 raise ConfigError(
                     f"harm_z tests the paired gain: it needs rule 'gain', not {self.rule!r}"
                 )
+        if self.harm_evidence not in HARM_EVIDENCE:
+            raise ConfigError(
+                f"harm_evidence must be one of {', '.join(HARM_EVIDENCE)}, "
+                f"got {self.harm_evidence!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,9 @@ def gain_records(
 def harmful(record: GainEvidence, z: float) -> bool:
     """One-sided test of "this update does not lower the primary": ``ĝ + z·sqrt(q/N) < 0``.
 
+    ``record``: this round's pairs of the update (:func:`gain_records` with no evidence), or
+    its client's discounted record; docs/design.md, "Which pairs the harm test reads".
+
     Under ``g = 0``, ``Var d = E d² = E|d| = q`` for 0/1 scores (and ≤ q for rates), so
     ``sqrt(q/N)`` is the standard error of the mean gain over ``N`` distinct prompts. ``q`` is
     the client's own (Jeffreys-smoothed) rate of changed scores, not the task's: an update that
@@ -230,6 +247,18 @@ def harmful(record: GainEvidence, z: float) -> bool:
     gain = record.gain_sum / record.weight
     changed = (record.changed_sum + 0.5) / (record.weight + 1.0)
     return gain + z * math.sqrt(changed / record.distinct) < 0
+
+
+def harm_exclusions(
+    members: Sequence[ClientUpdate],
+    evidence: Mapping[str, GainEvidence],
+    z: float,
+    read: HarmEvidence,
+) -> list[bool]:
+    """Which updates the harm test excludes, reading this round's pairs, the record or both."""
+    sources = {"round": [{}], "record": [evidence], "either": [{}, evidence]}[read]
+    verdicts = [[harmful(r, z) for r in gain_records(members, e)] for e in sources]
+    return [any(flags) for flags in zip(*verdicts, strict=True)]
 
 
 def accumulate_evidence(
@@ -347,7 +376,7 @@ def within_task_weights(
         gains = {k: e for k, e in (evidence or {}).items() if isinstance(e, GainEvidence)}
         alphas = gain_weights(members, settings.t_acc, settings.noise_scale, gains, worst_case)
         if settings.harm_z is not None:
-            excluded = [harmful(r, settings.harm_z) for r in gain_records(members, gains)]
+            excluded = harm_exclusions(members, gains, settings.harm_z, settings.harm_evidence)
             alphas = _without(alphas, excluded)
     else:
         records = {k: e for k, e in (evidence or {}).items() if isinstance(e, AccuracyEvidence)}

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from fedmoa.aggregation.server_optimizers import check_server_optimizer
-from fedmoa.aggregation.task_accuracy import AccuracyRule
+from fedmoa.aggregation.task_accuracy import AccuracyRule, HarmEvidence
 from fedmoa.config import (
     OPAQUE_TABLES,
     STRICT,
@@ -66,6 +66,10 @@ SERVER_OPTIMIZER_METHODS = frozenset({"fedadam", "fedyogi", "fedavgm"})
 # FedAvg with every auxiliary dropped: what the clients' primaries alone reach (a reference arm).
 PRIMARY_ONLY_METHODS = frozenset({"fedavg-primary"})
 _ALL_METHODS = frozenset(get_args(Method))
+HARM_EVIDENCE_WITHOUT_TEST = (
+    "server.accuracy_harm_evidence says what the harm test reads: set server.accuracy_harm_z "
+    "to turn the test on, or drop the key"
+)
 # [server] keys that only some methods read. One set under another method is left over from a
 # switch of server.method (a file run with several), so it is warned about, not refused.
 SERVER_KEYS_READ: dict[str, frozenset[str]] = {
@@ -78,6 +82,7 @@ SERVER_KEYS_READ: dict[str, frozenset[str]] = {
             "accuracy_noise_scale",
             "accuracy_memory",
             "accuracy_harm_z",
+            "accuracy_harm_evidence",
             "max_client_share",
             "gamma",
         ),
@@ -192,6 +197,10 @@ class ServerConfig:
     # many of its own standard errors gets no weight in its task (one-sided; 2.33 ≈ 1%);
     # none: off (docs/design.md, "Excluding a harmful update")
     accuracy_harm_z: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # what the harm test reads: "round", this round's pairs (the update it judges);
+    # "record", the client's discounted record with its earlier updates' pairs; "either":
+    # both, and an update failing either is excluded
+    accuracy_harm_evidence: HarmEvidence = "round"
     max_client_share: float = Field(1.0, gt=0, le=1)  # cap on α_k within a task; 1 = none
     # task-mix exponent: 0 gives every task an equal share, 1 weights tasks by samples
     gamma: float = Field(0.0, ge=0)
@@ -230,6 +239,8 @@ class ServerConfig:
                 f"server.accuracy_harm_z tests the paired gain: it needs accuracy_rule = "
                 f"'gain', not {self.accuracy_rule!r}"
             )
+        if self.accuracy_harm_z is None and self.accuracy_harm_evidence != "round":
+            raise ValueError(HARM_EVIDENCE_WITHOUT_TEST)
         return self
 
 
@@ -377,12 +388,15 @@ def load_experiment(path: str | Path, origin: Path | None = None) -> ExperimentC
         return field_path(loc)
 
     cfg = parse_config(data, ExperimentConfig, str(path), strict=True, locate=locate)
+    server_keys = given_keys(data, "server")
+    if "accuracy_harm_evidence" in server_keys and cfg.server.accuracy_harm_z is None:
+        raise ConfigError(f"{path}: {HARM_EVIDENCE_WITHOUT_TEST}")
     table = "hypergradient" if legacy else "weighting"
     report_unread(
         str(path),
         lambda: [
             *unread_keys(cfg.weighting, given_keys(data, "weighting"), cfg.server.method, table),
-            *unread_server_keys(cfg.server, given_keys(data, "server")),
+            *unread_server_keys(cfg.server, server_keys),
         ],
     )
     return cfg

@@ -342,4 +342,5 @@ def task_accuracy_settings(server: ServerConfig, private: bool = False) -> TaskA
         # client-level DP: no client's report may move another's weight ratios
         worst_case_prompts=server.validation_prompts if private else 0,
         harm_z=server.accuracy_harm_z,
+        harm_evidence=server.accuracy_harm_evidence,
     )

@@ -259,7 +259,7 @@ def _read_config(
     chosen = weighting.get("method", "auto") if isinstance(weighting, dict) else "auto"
     if isinstance(chosen, str) and chosen not in ("auto", resolve_method("auto", method)):
         method = f"{method}+{chosen}"  # e.g. fedavg+saw: its own row, not fedavg's
-    method += _variant_label(config)
+    method += _variant_label(config, resolved=source.suffix == ".json")
     clients, primary = {}, {}
     for client in config.get("clients") or []:
         if isinstance(client, dict) and isinstance(client.get("id"), str):
@@ -270,9 +270,14 @@ def _read_config(
     return method, seed, clients, primary
 
 
-def _variant_label(config: dict[str, Any]) -> str:
+def _variant_label(config: dict[str, Any], resolved: bool) -> str:
     """``+gate``, ``+harm(z=2.33)`` and ``+dp(ε=8)``: settings that change what a method computes get their own
-    row, so runs with and without them can share one report and be paired seed by seed."""
+    row, so runs with and without them can share one report and be paired seed by seed.
+
+    ``+harm(z=2.33, record)``: the harm test read the client's record (``either``: both). A fully defaulted
+    (``resolved``) config without ``accuracy_harm_evidence`` was written before the key
+    existed, when the test always read the record; a user's TOML without it has the default.
+    """
     label = ""
     defaults = config.get("client_defaults") or {}
     default_gate = (defaults.get("grpo") or {}).get("auxiliary_gate", "none")
@@ -283,9 +288,11 @@ def _variant_label(config: dict[str, Any]) -> str:
     ]
     if any(gate not in (None, "none") for gate in gates):
         label += "+gate"
-    harm_z = (config.get("server") or {}).get("accuracy_harm_z")
+    server = config.get("server") or {}
+    harm_z = server.get("accuracy_harm_z")
     if harm_z is not None:
-        label += f"+harm(z={harm_z:g})"
+        evidence = server.get("accuracy_harm_evidence", "record" if resolved else "round")
+        label += f"+harm(z={harm_z:g}{'' if evidence == 'round' else f', {evidence}'})"
     privacy = config.get("privacy")
     if isinstance(privacy, dict):
         where = "" if privacy.get("where", "server") == "server" else ", local"
