@@ -341,3 +341,46 @@ def test_privacy_cost_smoke_times_every_part_against_the_aggregation(tmp_path: P
         figures["server_added"] / figures["timings"]["aggregate (FedAvg, reference)"]
     )
     assert figures["bytes_per_update"] == 4 * figures["parameters"]  # float32 on the wire
+
+
+def test_harm_replay_reads_each_rounds_own_pairs_back_from_the_records(tmp_path: Path) -> None:
+    """The fresh collapse of tests/test_harm_test.py as a finished run: round 1 gains 8 of 32,
+    round 2 turns 13 of 22 right answers wrong. Its own pairs: z = -3.59; the record: -1.78."""
+    import torch
+
+    from fedmoa.aggregation import ClientUpdate, accumulate_gain_evidence
+
+    run = tmp_path / "runs" / "fedmoa-seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "resolved_config.json").write_text(json.dumps({"server": {"accuracy_memory": 0.5}}))
+    rounds = [
+        [(0.0, 1.0)] * 8 + [(1.0, 1.0)] * 16 + [(0.0, 0.0)] * 8,
+        [(1.0, 0.0)] * 13 + [(1.0, 1.0)] * 9 + [(0.0, 0.0)] * 10,
+    ]
+    records: dict[str, Any] = {}
+    metrics = []
+    for number, outcomes in enumerate(rounds, start=1):
+        pairs = tuple((row, b, a) for row, (b, a) in enumerate(outcomes))
+        update = ClientUpdate("a", "t", 8, {}, 0.0, {}, 32, pairs)
+        records = accumulate_gain_evidence(records, [update], 0.5)
+        before, after = (sum(o[i] for o in outcomes) / 32 for i in (0, 1))
+        metrics.append(
+            {"round": number, "client": "a", "accuracy_before": before, "accuracy": after,
+             "validation_pairs": 32}
+        )  # fmt: skip
+        state = {"gain_evidence": {"a": [[r, *v] for r, v in records["a"].rows.items()]}}
+        torch.save({"completed_round": number, "server": state},
+                   run / "checkpoints" / f"round-{number:04d}.pt")  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    figures, report = run_script("harm_replay.py", tmp_path, [str(run)])
+    first, second = figures["updates"]
+    assert first["z_round"] == pytest.approx(first["z_record"])  # round 1: the record is its pairs
+    assert not first["excluded_either"]
+    assert second["pairs"] == pytest.approx(32)
+    assert second["z_round"] == pytest.approx(-3.59, abs=0.01)
+    assert second["z_record"] == pytest.approx(-1.78, abs=0.01)
+    assert (second["excluded_round"], second["excluded_record"], second["excluded_either"]) == (
+        True, False, True,
+    )  # fmt: skip
+    assert figures["excluded"] == {"round": 1, "record": 0, "either": 1}
+    assert "runs/fedmoa-seed0" in report
