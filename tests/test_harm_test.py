@@ -101,7 +101,8 @@ def two_rounds(first: list[tuple[float, float]], second: list[tuple[float, float
 
 
 def test_a_fresh_collapse_behind_a_good_round_is_excluded():
-    """Study seed 1, round 2: a client that gained in round 1 turns 13 of 22 right answers wrong.
+    """After the study's seed 1, round 2: a client that gained in round 1 turns 13 of 22 right
+    answers wrong.
 
     This round: ĝ = -13/32, q = 13.5/33, z = -3.59. Its record (round 1's +8 at ρ = ½): Σd = -9
     over Σw = 48, Σ|d| = 17, N = 32: z = -0.1875/sqrt((17.5/49)/32) = -1.78, no evidence.
@@ -116,9 +117,9 @@ def test_a_fresh_collapse_behind_a_good_round_is_excluded():
 
 
 def test_a_mild_update_after_a_collapse_is_not_excluded():
-    """Study seed 2, round 2: after round 1's collapse (20 right answers lost) the update loses
-    3 of 30. This round: z = -(3/32)/sqrt((3.5/33)/32) = -1.63. The record still carries round
-    1: Σd = -13, Σw = 48, Σ|d| = 13: z = -2.92, and excludes it."""
+    """After the study's seed 2, round 2: after round 1's collapse (20 right answers lost) the
+    update loses 3 of 30. This round: z = -(3/32)/sqrt((3.5/33)/32) = -1.63. The record still
+    carries round 1: Σd = -13, Σw = 48, Σ|d| = 13: z = -2.92, and excludes it."""
     first = [(1.0, 0.0)] * 20 + [(0.0, 0.0)] * 12
     second = [(1.0, 1.0)] * 27 + [(1.0, 0.0)] * 3 + [(0.0, 0.0)] * 2
     updates, record = two_rounds(first, second)
