@@ -68,6 +68,18 @@ def finish(
     return 0
 
 
+def main_of(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str]], argparse.Namespace],
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    format_report: Callable[[argparse.Namespace, Sequence[str], dict[str, Any]], str],
+) -> int:
+    """A script's ``main`` when it computes its figures in one ``run(args)`` call."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    return finish(args, argv, run(args), format_report)
+
+
 def report_header(title: str, argv: Sequence[str], machine: dict[str, Any]) -> list[str]:
     """The title, command, machine and software lines (``machine``: ``local_step.machine_info``)."""
     m = machine

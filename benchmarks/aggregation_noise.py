@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, not a package
-from _common import finish
+from _common import main_of
 
 from fedmoa.aggregation import (
     ClientUpdate,
@@ -291,9 +291,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    return finish(args, argv, run(args), format_report)
+    return main_of(argv, parse_args, run, format_report)
 
 
 if __name__ == "__main__":
