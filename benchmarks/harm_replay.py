@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -29,17 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling scripts, not a package
 from _common import main_of
 
-from fedmoa.aggregation import GainEvidence, harmful
+from fedmoa.aggregation.task_accuracy import GainEvidence, gain_z, harmful
 
 Rows = dict[int, tuple[float, float, float]]
-
-
-def z_score(record: GainEvidence) -> float:
-    """``ĝ/sqrt(q/N)``, the statistic :func:`harmful` compares with ``−z``."""
-    if record.weight <= 0:
-        return math.nan
-    changed = (record.changed_sum + 0.5) / (record.weight + 1.0)
-    return record.gain_sum / record.weight / math.sqrt(changed / record.distinct)
 
 
 def this_round(record: Rows, before: Rows, memory: float) -> Rows:
@@ -88,8 +79,8 @@ def replay(run: Path, z: float) -> list[dict[str, Any]]:
                     "before": entry["accuracy_before"],
                     "after": entry["accuracy"],
                     "pairs": own.weight,
-                    "z_round": z_score(own),
-                    "z_record": z_score(record),
+                    "z_round": gain_z(own),
+                    "z_record": gain_z(record),
                     **{f"excluded_{k}": v for k, v in verdict.items()},
                     "excluded_either": verdict["round"] or verdict["record"],
                 }

@@ -242,11 +242,16 @@ def harmful(record: GainEvidence, z: float) -> bool:
     the client's own report enters, so one client cannot get another excluded (and the DP
     bound holds). No pairs: no evidence, never harmful.
     """
+    return record.weight > 0 and gain_z(record) < -z
+
+
+def gain_z(record: GainEvidence) -> float:
+    """``ĝ/sqrt(q/N)``: the record's mean gain in its own standard errors (:func:`harmful`);
+    NaN without pairs."""
     if record.weight <= 0:
-        return False
-    gain = record.gain_sum / record.weight
+        return math.nan
     changed = (record.changed_sum + 0.5) / (record.weight + 1.0)
-    return gain + z * math.sqrt(changed / record.distinct) < 0
+    return record.gain_sum / record.weight / math.sqrt(changed / record.distinct)
 
 
 def harm_exclusions(
